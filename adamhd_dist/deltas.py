@@ -1,0 +1,53 @@
+"""``layer_deltas``: read the current Huber threshold δ of every layer, by parameter name."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["layer_deltas", "register_layer_deltas"]
+
+_HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Any], dict]]] = []
+
+
+def register_layer_deltas(matches: Callable[[Any], bool], handler: Callable[[Any], dict]) -> None:
+    """Let an engine integration answer ``layer_deltas(obj)`` for objects it recognises (e.g. a ZeRO engine)."""
+    _HANDLERS.insert(0, (matches, handler))
+
+
+def layer_deltas(obj) -> dict[str | int, float]:
+    """{parameter name: δ} for every layer with weight decay, as used at its most recent step.
+
+    ``obj`` is an :class:`~adamhd_dist.AdamHD` (or an engine an integration registered). Layers are named by the
+    group's ``param_names`` when present, else by their index in ``state_dict()`` order. A layer that has not
+    stepped yet is listed only when its δ is known without a statistic (``delta_mode="constant"``). In ``"ema"``
+    mode the value is ``delta_scale · μ`` from the state, so it is known right after ``load_state_dict``.
+    """
+    for matches, handler in _HANDLERS:
+        if matches(obj):
+            return handler(obj)
+    from .optimizer import AdamHD
+
+    if not isinstance(obj, AdamHD):
+        raise TypeError(f"layer_deltas expects an AdamHD optimizer or a supported engine, got {type(obj).__name__}")
+    out: dict[str | int, float] = {}
+    last = obj.last_deltas()
+    index = 0
+    for group in obj.param_groups:
+        names = group.get("param_names")
+        for j, p in enumerate(group["params"]):
+            key = names[j] if names is not None else index
+            index += 1
+            if float(group["weight_decay"]) == 0.0:
+                continue
+            mode = group["delta_mode"]
+            state = obj.state.get(p, {})
+            if mode == "constant":
+                out[key] = float(group["delta"])
+            elif mode == "ema" and "delta_ema" in state:
+                mu = torch.as_tensor(state["delta_ema"], dtype=torch.float32)
+                out[key] = float((float(group["delta_scale"]) * mu.double()).float())
+            elif p in last:
+                out[key] = last[p]
+    return out

@@ -1,0 +1,298 @@
+"""The functional core of AdamHD: one update rule, three implementations with one signature.
+
+``adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, ...)`` updates every tensor in place:
+
+- ``foreach=False, fused=False``: a plain loop over tensors, written for reading; the oracle for the other two;
+- ``foreach=True``: ``torch._foreach_*`` ops over the whole list;
+- ``fused=True``: one kernel call for the whole list (Triton on CUDA, a compiled C++ kernel on CPU).
+
+A tensor in the lists may be a whole parameter or a view of one layer inside a flat buffer (a ZeRO partition):
+every path treats each list entry as one layer with its own δ. ``steps`` are the step numbers ``t`` of this
+update (already incremented by the caller); the per-layer thresholds ``deltas`` are computed by the caller from
+the layer statistic (see :mod:`adamhd_dist.stats`), because on a sharded model that statistic needs a collective.
+
+Per element, in fp32 (``τ = lr·weight_decay``)::
+
+    m ← m + (1−β1)(g − m);   v ← β2·v + (1−β2)·g²
+    d = sqrt(v)/sqrt(1−β2^t) + ε;   a = lr/(1−β1^t)
+    clip:  θ ← θ − τ·clip(θ, −δ, δ);           θ ← θ − a·m/d
+    prox:  θ ← θ − a·m/d;                      θ ← θ − τ·clip(θ/(1+τ), −δ, δ)
+
+An element whose gradient is not finite is left unchanged (θ, m and v), and counted: the function returns the
+number of such elements (a 0-d int64 tensor on the tensors' device) so the caller can report it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .huber import huber_clip_, huber_prox_
+
+__all__ = ["adamhd", "bias_corrections", "default_path", "DECAYS"]
+
+DECAYS = ("prox", "clip")
+
+# Which kernel the fused path uses for CPU tensors: "cpp" (the compiled C++ kernel), or "triton" to run the GPU
+# kernel through Triton's interpreter (TRITON_INTERPRET=1) — how the tests exercise the GPU path without a GPU.
+FUSED_CPU_BACKEND = os.environ.get("ADAMHD_FUSED_CPU_BACKEND", "cpp")
+
+
+def bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: float, bias_correction: bool):
+    """Per-tensor ``(step_size, sqrt(bias_correction2))`` as Python floats (fp64 host math, as torch does)."""
+    if not bias_correction:
+        return [lr] * len(steps), [1.0] * len(steps)
+    step_sizes = [lr / (1.0 - beta1 ** float(t)) for t in steps]
+    bc2_sqrts = [math.sqrt(1.0 - beta2 ** float(t)) for t in steps]
+    return step_sizes, bc2_sqrts
+
+
+def _fused_available(device: torch.device) -> bool:
+    try:
+        if device.type == "cuda":
+            from .kernels import triton_adamhd
+
+            return triton_adamhd.available()
+        if device.type == "cpu":
+            from .kernels import cpu
+
+            return cpu.available()
+    except ImportError:
+        return False
+    return False
+
+
+def default_path(params: Sequence[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """Choose ``"fused"``, ``"foreach"`` or ``"loop"`` as torch.optim does: explicit choices win; otherwise the
+    fastest path that works for the tensors' device (fused where its kernel is available, else foreach)."""
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True are mutually exclusive: choose one (or leave both None)")
+    if fused:
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is False and fused is None:
+        return "loop"
+    if fused is False and foreach is None:
+        return "foreach"
+    if fused is False and foreach is False:
+        return "loop"
+    if not params:
+        return "foreach"
+    devices = {p.device for p in params}
+    if len(devices) == 1 and _fused_available(next(iter(devices))):
+        return "fused"
+    return "foreach"
+
+
+def adamhd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: Sequence[float],
+    deltas: Tensor | Sequence[float] | None,
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    grad_scale: Tensor | float | None = None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: str,
+    bias_correction: bool,
+) -> Tensor:
+    """Functional AdamHD update (see the module docstring). Returns the count of skipped non-finite elements."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if decay not in DECAYS:
+        raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
+    if weight_decay != 0.0 and deltas is None:
+        raise ValueError("deltas are required when weight_decay != 0")
+    if deltas is not None and len(deltas) != n:
+        raise ValueError(f"deltas must have one entry per tensor ({n}), got {len(deltas)}")
+    device = params[0].device if n else torch.device("cpu")
+    if n == 0:
+        return torch.zeros((), dtype=torch.int64, device=device)
+    path = default_path(params, foreach, fused)
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+              bias_correction=bias_correction, grad_scale=grad_scale)
+    impl = {"loop": _single_tensor_adamhd, "foreach": _multi_tensor_adamhd, "fused": _fused_adamhd}[path]
+    return impl(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, **kw)
+
+
+def _delta_list(deltas, n) -> list[float]:
+    if deltas is None:
+        return [math.inf] * n
+    if isinstance(deltas, Tensor):
+        return deltas.detach().to("cpu", torch.float64).tolist()
+    return [float(d) for d in deltas]
+
+
+def _grad_scale_value(grad_scale):
+    if grad_scale is None:
+        return None
+    return float(grad_scale.item()) if isinstance(grad_scale, Tensor) else float(grad_scale)
+
+
+def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
+                          weight_decay, decay, bias_correction, grad_scale):
+    """The reference: one tensor at a time, every intermediate in fp32, easy to read."""
+    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    delta_list = _delta_list(deltas, len(params))
+    scale = _grad_scale_value(grad_scale)
+    tau = lr * weight_decay
+    skipped = 0
+    for i, param in enumerate(params):
+        g = grads[i].to(torch.float32, copy=True)
+        if scale is not None:
+            g.div_(scale)
+        x = param.detach().to(torch.float32, copy=True)
+        m = exp_avgs[i].to(torch.float32, copy=True)
+        v = exp_avg_sqs[i].to(torch.float32, copy=True)
+        delta = delta_list[i]
+
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / bc2_sqrts[i]).add_(eps)
+        if decay == "clip":
+            huber_clip_(x, tau, delta)
+        x.addcdiv_(m, denom, value=-step_sizes[i])
+        if decay == "prox":
+            huber_prox_(x, tau, delta)
+
+        finite = torch.isfinite(g)
+        if not bool(finite.all()):
+            skipped += int((~finite).sum())
+            x = torch.where(finite, x, param.detach().float())
+            m = torch.where(finite, m, exp_avgs[i].float())
+            v = torch.where(finite, v, exp_avg_sqs[i].float())
+        param.detach().copy_(x)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+    return torch.tensor(skipped, dtype=torch.int64, device=params[0].device)
+
+
+def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
+                         weight_decay, decay, bias_correction, grad_scale):
+    """``torch._foreach_*`` over the whole list. Tensors whose gradient has a non-finite element take the
+    reference path (which masks those elements); this costs one extra read of the gradients."""
+    n = len(params)
+    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    delta_list = _delta_list(deltas, n)
+    tau = lr * weight_decay
+    device = params[0].device
+
+    g_norms = torch._foreach_norm([g.detach() for g in grads], float("inf"))
+    finite = torch.isfinite(torch.stack([t.float() for t in g_norms])).tolist()
+    bad = [i for i in range(n) if not finite[i]]
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    if bad:
+        pick = lambda xs: [xs[i] for i in bad]  # noqa: E731
+        skipped = skipped + _single_tensor_adamhd(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(list(steps)),
+            pick(delta_list), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decay=decay, bias_correction=bias_correction, grad_scale=grad_scale).to(device)
+    good = [i for i in range(n) if finite[i]]
+    if not good:
+        return skipped
+
+    # Work in fp32; low-precision storage gets fp32 copies that are written back at the end.
+    def f32(ts):
+        return [t.detach() if t.dtype == torch.float32 else t.detach().float() for t in ts]
+
+    ps = [params[i] for i in good]
+    ms_store = [exp_avgs[i] for i in good]
+    vs_store = [exp_avg_sqs[i] for i in good]
+    x, m, v = f32(ps), f32(ms_store), f32(vs_store)
+    g = [grads[i].detach().float() for i in good]
+    if grad_scale is not None:
+        g = torch._foreach_div(g, grad_scale if not isinstance(grad_scale, Tensor) else grad_scale.item())
+    ds = [delta_list[i] for i in good]
+    neg_ds = [-d for d in ds]
+
+    torch._foreach_lerp_(m, g, 1.0 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [bc2_sqrts[i] for i in good])
+    torch._foreach_add_(denom, eps)
+    if decay == "clip" and tau != 0.0:
+        c = torch._foreach_clamp_max(x, ds)
+        torch._foreach_clamp_min_(c, neg_ds)
+        torch._foreach_add_(x, c, alpha=-tau)
+    torch._foreach_addcdiv_(x, m, denom, [-step_sizes[i] for i in good])
+    if decay == "prox" and tau != 0.0:
+        c = torch._foreach_div(x, 1.0 + tau)
+        torch._foreach_clamp_max_(c, ds)
+        torch._foreach_clamp_min_(c, neg_ds)
+        torch._foreach_add_(x, c, alpha=-tau)
+
+    for store, work in ((ps, x), (ms_store, m), (vs_store, v)):
+        pairs = [(s, w) for s, w in zip(store, work) if s.dtype != torch.float32]
+        if pairs:
+            torch._foreach_copy_([s.detach() for s, _ in pairs], [w for _, w in pairs])
+    return skipped
+
+
+def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        groups.setdefault((p.device, p.dtype, g.dtype, m.dtype, v.dtype), []).append(i)
+    return groups
+
+
+def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
+                  weight_decay, decay, bias_correction, grad_scale):
+    """One kernel call per (device, dtypes) bucket — one in the usual case — whatever the number of layers."""
+    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    device = params[0].device
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    for (dev, *_), idx in _group_by_kind(params, grads, exp_avgs, exp_avg_sqs).items():
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        p, g, m, v = (pick([t.detach() for t in ts]) for ts in (params, grads, exp_avgs, exp_avg_sqs))
+        if dev.type == "cuda" or FUSED_CPU_BACKEND == "triton":
+            from .kernels import triton_adamhd
+
+            if not triton_adamhd.available():
+                raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[gpu]')")
+
+            def to_dev(xs):
+                host = torch.tensor(xs, dtype=torch.float32)
+                if dev.type == "cuda":
+                    host = host.pin_memory()
+                return host.to(dev, non_blocking=True)
+
+            if isinstance(deltas, Tensor):
+                d = deltas.detach()[torch.tensor(idx, device=deltas.device)].to(dev, torch.float32)
+            elif deltas is not None:
+                d = to_dev([float(deltas[i]) for i in idx])
+            else:
+                d = None
+            counter = torch.zeros(1, dtype=torch.int64, device=dev)
+            gs = grad_scale if (grad_scale is None or isinstance(grad_scale, Tensor)) else torch.tensor(
+                float(grad_scale), device=dev)
+            triton_adamhd.fused_adamhd_triton_(
+                p, g, m, v, step_sizes=to_dev(pick(step_sizes)), bc2_sqrts=to_dev(pick(bc2_sqrts)), deltas=d,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+                grad_scale=gs, nonfinite=counter)
+            skipped = skipped + counter[0].to(device)
+        elif dev.type == "cpu":
+            from .kernels import cpu
+
+            d = None if deltas is None else pick(_delta_list(deltas, len(params)))
+            n_bad = cpu.fused_adamhd_cpu_(
+                p, g, m, v, step_sizes=pick(step_sizes), bc2_sqrts=pick(bc2_sqrts), deltas=d,
+                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+                grad_scale=_grad_scale_value(grad_scale))
+            skipped = skipped + int(n_bad)
+        else:
+            raise RuntimeError(f"fused=True is not supported on device {dev}: use foreach=True")
+    return skipped

@@ -1,0 +1,371 @@
+"""``AdamHD``: AdamW with decoupled Huber decay and a per-layer threshold; a drop-in for torch.optim.AdamW."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from .stats import DELTA_MODES, layer_abs_sums, update_deltas
+
+__all__ = ["AdamHD"]
+
+# Keys an AdamW param group has that AdamHD does not use; dropped when loading an AdamW state_dict.
+_ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) or (isinstance(x, Tensor) and x.numel() == 1)
+
+
+def check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of a param group (or of the defaults)."""
+
+    def bad(name, value, allowed):
+        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+
+    lr = group["lr"]
+    if not _is_number(lr) or not float(lr) >= 0.0:
+        bad("lr", lr, "a number >= 0")
+    eps = group["eps"]
+    if not _is_number(eps) or not float(eps) > 0.0:
+        bad("eps", eps, "a number > 0")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        bad("betas", betas, "a pair (beta1, beta2), each in [0, 1)")
+    for i, b in enumerate(betas):
+        if not _is_number(b) or not 0.0 <= float(b) < 1.0:
+            bad(f"betas[{i}]", b, "a number in [0, 1)")
+    wd = group["weight_decay"]
+    if not _is_number(wd) or not float(wd) >= 0.0:
+        bad("weight_decay", wd, "a number >= 0")
+    mode = group["delta_mode"]
+    if mode not in DELTA_MODES:
+        bad("delta_mode", mode, " | ".join(repr(m) for m in DELTA_MODES))
+    scale = group["delta_scale"]
+    if not _is_number(scale) or not (0.0 < float(scale) < math.inf):
+        bad("delta_scale", scale, "a finite number > 0")
+    dbeta = group["delta_beta"]
+    if not _is_number(dbeta) or not 0.0 <= float(dbeta) < 1.0:
+        bad("delta_beta", dbeta, "a number in [0, 1)")
+    delta = group["delta"]
+    if mode == "constant":
+        if delta is None:
+            raise ValueError("Invalid delta: None (delta_mode='constant' needs delta, a number >= 0; +inf allowed)")
+        if not _is_number(delta) or not float(delta) >= 0.0:
+            bad("delta", delta, "a number >= 0 (+inf allowed) when delta_mode='constant'")
+    elif delta is not None:
+        raise ValueError(f"Invalid delta: {delta!r} (only used with delta_mode='constant'; "
+                         f"delta_mode is {mode!r}, whose δ = delta_scale * statistic)")
+    if group["decay"] not in F.DECAYS:
+        bad("decay", group["decay"], " | ".join(repr(d) for d in F.DECAYS))
+    if not isinstance(group["bias_correction"], bool):
+        bad("bias_correction", group["bias_correction"], "True or False")
+    for name in ("foreach", "fused"):
+        if group[name] not in (None, True, False):
+            bad(name, group[name], "None, True or False")
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid foreach/fused: both True (choose one, or leave both None for the default)")
+
+
+class AdamHD(Optimizer):
+    r"""AdamW with decoupled Huber decay (AdamHD, Guo & Fan 2025) and a per-layer threshold δ.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input}: \alpha\ (\text{lr}),\ \beta_1, \beta_2,\ \epsilon,\ \lambda\ (\text{weight decay}),\
+            c\ (\text{delta\_scale}),\ \beta_\delta\ (\text{delta\_beta}),\ \tau = \alpha\lambda \\
+        &\textbf{for}\ t = 1, 2, \dots\ \textbf{and each layer}\ \theta\ \textbf{do} \\
+        &\quad s_t \leftarrow \tfrac{1}{n}\textstyle\sum_i |\theta_{t,i}|
+            \quad(\text{over the whole, unsharded layer}) \\
+        &\quad \mu_t \leftarrow s_1\ \text{if}\ t = 1\ \text{else}\ \beta_\delta\mu_{t-1} + (1-\beta_\delta)s_t,
+            \qquad \delta_t \leftarrow c\,\mu_t \quad(\text{``ema''; ``mean\_abs'': } c\,s_t;
+            \text{ ``constant'': } \delta) \\
+        &\quad m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+               v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        &\quad u_t \leftarrow \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \\
+        &\quad \textbf{prox:}\ \tilde\theta \leftarrow \theta_{t} - \alpha u_t, \quad
+            \theta_{t+1} \leftarrow \tilde\theta - \tau\,\mathrm{clip}\big(\tilde\theta/(1+\tau), -\delta_t, \delta_t\big)
+            \quad(= \mathrm{prox}_{\tau H_{\delta_t}}(\tilde\theta)) \\
+        &\quad \textbf{clip:}\ \theta' \leftarrow \theta_t - \tau\,\mathrm{clip}(\theta_t, -\delta_t, \delta_t), \quad
+            \theta_{t+1} \leftarrow \theta' - \alpha u_t
+        \end{aligned}
+
+    where the Huber penalty is :math:`H_\delta(a) = a^2/2` for :math:`|a| \le \delta`, else
+    :math:`\delta|a| - \delta^2/2`. With :math:`\delta = +\infty` ``clip`` is exactly AdamW; with
+    :math:`\lambda = 0` both are Adam. The decay moves a coordinate by at most :math:`\tau\delta` and (``prox``)
+    never flips its sign.
+
+    Args:
+        params: parameters or param groups (dicts), as for any torch optimizer. Groups may carry
+            ``param_names`` (see :func:`adamhd_dist.param_groups`); names are used by
+            :func:`adamhd_dist.layer_deltas` and in checkpoints.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (same defaults).
+        delta_mode: ``"ema"`` (default), ``"mean_abs"`` or ``"constant"``.
+        delta_scale: ``c`` in ``δ = c·μ`` (default 1.5).
+        delta_beta: ``β_δ`` of the EMA of mean ``|θ|`` (default 0.99).
+        delta: the fixed δ for ``delta_mode="constant"`` (+inf allowed); must be None otherwise.
+        decay: ``"prox"`` (default) or ``"clip"``.
+        bias_correction: Adam's bias correction (default True).
+        foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device.
+
+    Every argument can be set per param group. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (as
+    AdamW, so AdamW checkpoints load) and ``delta_ema`` (μ, fp32 0-d) in ``"ema"`` mode with
+    ``weight_decay > 0``. Groups with ``weight_decay == 0`` need and compute no statistic.
+
+    A gradient element that is not finite leaves that element's parameter and moments unchanged and is reported
+    with a warning (the run is not silently poisoned); with ``torch.amp.GradScaler`` a step with ``found_inf``
+    changes no state at all.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = AdamHD(adamhd_dist.param_groups(model, weight_decay=0.1), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    # torch.amp.GradScaler: pass grad_scale / found_inf as attributes instead of unscaling the grads.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        delta_mode: str = "ema",
+        delta_scale: float = 1.5,
+        delta_beta: float = 0.99,
+        delta: float | None = None,
+        decay: str = "prox",
+        bias_correction: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, delta_mode=delta_mode, delta_scale=delta_scale,
+                        delta_beta=delta_beta, delta=delta, decay=decay, bias_correction=bias_correction,
+                        foreach=foreach, fused=fused)
+        check_hyperparameters(defaults)
+        # Engine integrations set this: called with the stacked local partial sums of every layer, returns the
+        # sums over the ranks that shard them (one collective). None: layers are whole on this process.
+        self.reduce_layer_sums: Callable[[Tensor], Tensor] | None = None
+        # Engine integrations may set this: param -> number of elements of the WHOLE layer it belongs to.
+        self.layer_numel: Callable[[Tensor], int] | None = None
+        # Engine integrations may set this: param -> the local tensor to update (e.g. DTensor.to_local()).
+        self.local_tensor: Callable[[Tensor], Tensor] | None = None
+        self._last_deltas: dict[Tensor, float] = {}
+        self._pending_nonfinite: list[tuple[int, Tensor]] = []
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("reduce_layer_sums", None)
+        self.__dict__.setdefault("layer_numel", None)
+        self.__dict__.setdefault("local_tensor", None)
+        self.__dict__.setdefault("_last_deltas", {})
+        self.__dict__.setdefault("_pending_nonfinite", [])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+            check_hyperparameters(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            if p.is_complex():
+                self.param_groups.pop()
+                raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # state
+    def _needs_delta(self, group) -> bool:
+        return float(group["weight_decay"]) != 0.0 and group["delta_mode"] != "constant"
+
+    def _init_state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0 or "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _local(self, t: Tensor) -> Tensor:
+        return self.local_tensor(t) if self.local_tensor is not None else t
+
+    def _numel(self, p: Tensor) -> int:
+        return self.layer_numel(p) if self.layer_numel is not None else p.numel()
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _collect(self):
+        """Per group: (group, params with grads, their states)."""
+        work = []
+        for group in self.param_groups:
+            ps, states = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamHD does not support sparse gradients")
+                ps.append(p)
+                states.append(self._init_state(p))
+            work.append((group, ps, states))
+        return work
+
+    @torch.no_grad()
+    def compute_deltas(self, work) -> dict[Tensor, Tensor]:
+        """δ for every param that needs one, across ALL groups, with ONE reduction of the layer sums.
+
+        Updates μ (``delta_ema``) in place. Returns {param: 0-d fp32 δ on the param's device}."""
+        stat_params, stat_groups = [], []
+        for group, ps, _ in work:
+            if self._needs_delta(group):
+                stat_params += ps
+                stat_groups += [group] * len(ps)
+        deltas: dict[Tensor, Tensor] = {}
+        if stat_params:
+            sums = layer_abs_sums([self._local(p) for p in stat_params])
+            if self.reduce_layer_sums is not None:
+                sums = self.reduce_layer_sums(sums)
+            numels = [self._numel(p) for p in stat_params]
+            # groups may differ in mode/scale/beta: run the (cheap, vectorised) rule per distinct setting
+            settings: dict[tuple, list[int]] = {}
+            for i, g in enumerate(stat_groups):
+                settings.setdefault((g["delta_mode"], float(g["delta_scale"]), float(g["delta_beta"])), []).append(i)
+            for (mode, scale, beta), idx in settings.items():
+                sel = torch.tensor(idx, device=sums.device)
+                ps = [stat_params[i] for i in idx]
+                has_mu = [("delta_ema" in self.state[p]) for p in ps] if mode == "ema" else None
+                mus = None
+                if mode == "ema" and any(has_mu):
+                    mus = torch.stack([
+                        self.state[p]["delta_ema"].to(sums.device) if h else torch.zeros((), device=sums.device)
+                        for p, h in zip(ps, has_mu)])
+                d, new_mu = update_deltas(sums[sel], [numels[i] for i in idx], mus, has_mu,
+                                          mode=mode, scale=scale, beta=beta)
+                if new_mu is not None:
+                    for j, p in enumerate(ps):
+                        mu = new_mu[j].to(p.device)
+                        if "delta_ema" in self.state[p]:
+                            self.state[p]["delta_ema"].copy_(mu)
+                        else:
+                            self.state[p]["delta_ema"] = mu.clone()
+                for j, p in enumerate(ps):
+                    deltas[p] = d[j]
+        for group, ps, _ in work:
+            if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0:
+                for p in ps:
+                    deltas[p] = torch.tensor(float(group["delta"]), dtype=torch.float32)
+        return deltas
+
+    def _report_nonfinite(self, final: bool = False):
+        still = []
+        for step, count in self._pending_nonfinite:
+            if count.device.type == "cpu" or final or count.is_cuda and torch.cuda.current_stream().query():
+                n = int(count.item())
+                if n:
+                    warnings.warn(f"AdamHD step {step}: {n} gradient element(s) were not finite; their "
+                                  f"parameters and moments were left unchanged", RuntimeWarning, stacklevel=3)
+            else:
+                still.append((step, count))
+        self._pending_nonfinite = still
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One AdamHD step for every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return loss  # GradScaler saw inf/nan: this step changes no state (step, moments and μ included)
+        self._report_nonfinite()
+
+        work = self._collect()
+        deltas = self.compute_deltas(work)
+        self._last_deltas = {p: d for p, d in deltas.items()}
+        for group, ps, states in work:
+            if not ps:
+                continue
+            steps = []
+            for s in states:
+                s["step"] += 1
+                steps.append(float(s["step"]))
+            beta1, beta2 = group["betas"]
+            wd = float(group["weight_decay"])
+            if wd != 0.0:
+                ds = torch.stack([deltas[p].to(ps[0].device) for p in ps])
+            else:
+                ds = None
+            local = self._local
+            count = F.adamhd(
+                [local(p) for p in ps], [local(p.grad) for p in ps], [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states], steps, ds,
+                foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale,
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=wd, decay=group["decay"], bias_correction=group["bias_correction"])
+            self._pending_nonfinite.append((int(max(steps)), count))
+        self._report_nonfinite()
+        return loss
+
+    # ----------------------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an AdamHD state_dict exactly, or an AdamW one (keeps step and moments; μ starts from the next
+        step's statistic). μ is kept in fp32 whatever the parameter dtype."""
+        state_dict = dict(state_dict)
+        groups = []
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(state_dict['param_groups'])} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            saved = dict(saved)
+            if saved.get("amsgrad"):
+                raise ValueError("cannot continue an AdamW state with amsgrad=True as AdamHD (no max_exp_avg_sq)")
+            if saved.get("maximize"):
+                raise ValueError("cannot continue an optimizer state with maximize=True as AdamHD")
+            for k in _ADAMW_ONLY_KEYS:
+                saved.pop(k, None)
+            for k, v in current.items():
+                if k != "params":
+                    saved.setdefault(k, v)
+            if isinstance(saved.get("betas"), list):
+                saved["betas"] = tuple(saved["betas"])
+            check_hyperparameters(saved)
+            groups.append(saved)
+        state_dict["param_groups"] = groups
+        saved_state = state_dict["state"]
+        mus = {k: v["delta_ema"] for k, v in saved_state.items() if "delta_ema" in v}
+        state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("delta_ema", "max_exp_avg_sq")}
+                               for k, v in saved_state.items()}
+        super().load_state_dict(state_dict)
+        index = [p for g in self.param_groups for p in g["params"]]
+        for p in index:
+            st = self.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].detach().to("cpu", torch.float32) if isinstance(st["step"], Tensor) \
+                    else torch.tensor(float(st["step"]), dtype=torch.float32)
+        for k, mu in mus.items():
+            p = index[k]
+            self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
+        self._last_deltas = {}
+
+    def last_deltas(self) -> dict[Tensor, float]:
+        """{param: δ used at its most recent step} (params with weight_decay > 0 only)."""
+        return {p: float(d) for p, d in self._last_deltas.items()}
