@@ -1,0 +1,222 @@
+"""One optimizer step, AdamHD vs the AdamW baselines, measured side by side in one run.
+
+    python bench/optimizer_step.py                       # CPU; also the GPU when one is present
+    python bench/optimizer_step.py --d-model 352 --reps 15 --out bench/results/optimizer_step.json
+
+Two layouts, the same number of parameters:
+  (a) list:  a GPT-3-XL-shaped model (24 blocks, 292 tensors, d_model scaled to fit the machine; the GPU uses the
+             real 2048 = 1.316 B parameters) as a list of separate tensors, through each optimizer's step();
+  (b) flat:  the same parameters in ONE flat fp32 buffer (a ZeRO partition): AdamHD updates it with per-layer δ
+             (one statistic call + one kernel over 292 layer views); the baselines update the flat tensor.
+
+AdamHD runs with delta_mode="ema" (the statistic is computed every step). Candidates are timed in interleaved
+rounds (round r times every candidate once) and the median is reported; "GB/s" counts the 7 x 4 bytes per
+parameter an Adam step must move (read p, g, m, v; write p, m, v), the same figure for every candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adamhd_dist import AdamHD  # noqa: E402
+from adamhd_dist.functional import adamhd  # noqa: E402
+from adamhd_dist.stats import layer_abs_sums, update_deltas  # noqa: E402
+
+HP = dict(lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def gpt3_xl_shapes(d_model: int, n_layer: int = 24, vocab: int = 50257, ctx: int = 2048):
+    """The 292 parameter shapes of GPT-3 XL (GPT-2 block layout) with a chosen width."""
+    d = d_model
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(n_layer):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    shapes += [(d,), (d,)]
+    return shapes
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_list(shapes, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
+    return params
+
+
+def list_candidates(shapes, device):
+    """name -> (step_fn, description) over separate tensors."""
+    cands = {}
+
+    def opt_step(make):
+        params = make_list(shapes, device)
+        opt = make(params)
+        return lambda: opt.step()
+
+    cands["AdamHD fused"] = opt_step(lambda ps: AdamHD(ps, **HP, fused=True))
+    cands["AdamHD foreach"] = opt_step(lambda ps: AdamHD(ps, **HP, foreach=True))
+    cands["AdamW fused (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, fused=True))
+    cands["AdamW foreach (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, foreach=True))
+    ds = deepspeed_candidate(device)
+    if ds is not None:
+        cands[ds[0]] = opt_step(ds[1])
+    return cands
+
+
+def deepspeed_candidate(device):
+    """DeepSpeedCPUAdam on CPU, FusedAdam on CUDA (JIT-built on first use), or None if it cannot be built."""
+    try:
+        if device.type == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return "DeepSpeedCPUAdam", lambda ps: DeepSpeedCPUAdam(ps, **HP, adamw_mode=True)
+        from deepspeed.ops.adam import FusedAdam
+
+        return "DeepSpeed FusedAdam", lambda ps: FusedAdam(ps, **HP, adam_w_mode=True)
+    except Exception as e:  # noqa: BLE001 - report and go on without it
+        print(f"[bench] DeepSpeed optimizer unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def flat_candidates(shapes, device):
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    total = sum(numels)
+    starts = [0]
+    for n in numels[:-1]:
+        starts.append(starts[-1] + n)
+    cands = {}
+
+    def buffers():
+        g = torch.Generator(device="cpu").manual_seed(1)
+        flat = torch.nn.Parameter((torch.randn(total, generator=g) * 0.02).to(device))
+        flat.grad = (torch.randn(total, generator=g) * 1e-3).to(device)
+        return flat
+
+    def views(t):
+        return [t.narrow(0, s, n) for s, n in zip(starts, numels)]
+
+    # AdamHD on a flat partition with per-layer δ: what the ZeRO integration runs.
+    flat = buffers()
+    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
+    pv, gv, mv, vv = views(flat.detach()), views(flat.grad), views(m), views(v)
+    state = {"t": 0, "mu": None}
+
+    def adamhd_flat():
+        state["t"] += 1
+        sums = layer_abs_sums(pv)
+        has = None if state["mu"] is None else [True] * len(pv)
+        deltas, state["mu"] = update_deltas(sums, numels, state["mu"], has, mode="ema", scale=1.5, beta=0.99)
+        adamhd(pv, gv, mv, vv, [state["t"]] * len(pv), deltas, fused=True, lr=HP["lr"], beta1=HP["betas"][0],
+               beta2=HP["betas"][1], eps=HP["eps"], weight_decay=HP["weight_decay"], decay="prox",
+               bias_correction=True)
+
+    cands["AdamHD fused, per-layer δ"] = adamhd_flat
+
+    def opt_step(make):
+        f = buffers()
+        opt = make([f])
+        return lambda: opt.step()
+
+    cands["AdamW fused (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, fused=True))
+    ds = deepspeed_candidate(device)
+    if ds is not None:
+        cands[ds[0]] = opt_step(ds[1])
+    return cands
+
+
+def measure(cands, device, reps, warmup):
+    times = {k: [] for k in cands}
+    for fn in cands.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    for _ in range(reps):
+        for name, fn in cands.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def run_device(device, d_model, reps, warmup, baseline_name):
+    shapes = gpt3_xl_shapes(d_model)
+    n = sum(int(torch.Size(s).numel()) for s in shapes)
+    rows = []
+    for layout, make in (("list", list_candidates), ("flat", flat_candidates)):
+        cands = make(shapes, device)
+        ms = measure(cands, device, reps, warmup)
+        base = ms.get(baseline_name) or ms["AdamW fused (torch)"]
+        for name, t in ms.items():
+            rows.append(dict(device=device.type, layout=layout, optimizer=name, params=n, tensors=len(shapes),
+                             ms=round(t, 3), gb_s=round(28 * n / (t * 1e-3) / 1e9, 2),
+                             ratio_vs_baseline=round(t / base, 3)))
+        del cands
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def machine_info():
+    info = dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
+                cpu=platform.processor() or platform.machine(), cores=os.cpu_count())
+    try:
+        import cpuinfo
+
+        info["cpu"] = cpuinfo.get_cpu_info().get("brand_raw", info["cpu"])
+    except Exception:  # noqa: BLE001
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d-model", type=int, default=352, help="CPU width of the GPT-3-XL-shaped model "
+                    "(352: 53 M params in 292 tensors); the GPU uses 2048 unless --gpu-d-model says otherwise")
+    ap.add_argument("--gpu-d-model", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "optimizer_step.json")
+    args = ap.parse_args(argv)
+    if args.d_model <= 0 or args.gpu_d_model <= 0 or args.reps <= 0 or args.warmup < 0:
+        ap.error("--d-model, --gpu-d-model and --reps must be positive, --warmup >= 0")
+
+    rows = run_device(torch.device("cpu"), args.d_model, args.reps, args.warmup, "DeepSpeedCPUAdam")
+    if torch.cuda.is_available() and not args.cpu_only:
+        rows += run_device(torch.device("cuda"), args.gpu_d_model, args.reps, args.warmup, "AdamW fused (torch)")
+    result = dict(machine=machine_info(), hyperparameters=HP, command=" ".join(["python", *sys.argv]), rows=rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, args.out)
+
+    print(f"machine: {result['machine']}")
+    print("| device | layout | optimizer | params | ms/step | GB/s | ratio vs baseline |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['device']} | {r['layout']} | {r['optimizer']} | {r['params'] / 1e6:.1f} M | {r['ms']:.2f} | "
+              f"{r['gb_s']:.1f} | {r['ratio_vs_baseline']:.2f}x |")
+    print("baseline: DeepSpeedCPUAdam on the CPU, torch AdamW(fused=True) on the GPU")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
