@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -84,9 +85,32 @@ def default_path(params: Sequence[Tensor], foreach: bool | None, fused: bool | N
     if not params:
         return "foreach"
     devices = {p.device for p in params}
-    if len(devices) == 1 and _fused_available(next(iter(devices))):
-        return "fused"
+    if len(devices) == 1:
+        device = next(iter(devices))
+        if _fused_available(device):
+            return "fused"
+        if device.type == "cpu":
+            _warn_cpu_fallback_once()
     return "foreach"
+
+
+_warned_fallback = False
+
+
+def _warn_cpu_fallback_once():
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    _warned_fallback = True
+    reason = "unknown"
+    try:
+        from .kernels import cpu
+
+        cpu.load()
+    except Exception as exc:  # noqa: BLE001 - the reason is what we report
+        reason = str(exc)
+    warnings.warn(f"AdamHD: the fused CPU kernel is unavailable ({reason}); using the slower foreach path. "
+                  f"Install a C++ compiler (and ninja) to enable it.", RuntimeWarning, stacklevel=4)
 
 
 def adamhd(
@@ -100,6 +124,7 @@ def adamhd(
     foreach: bool | None = None,
     fused: bool | None = None,
     grad_scale: Tensor | float | None = None,
+    abs_sums_out: Tensor | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -108,7 +133,11 @@ def adamhd(
     decay: str,
     bias_correction: bool,
 ) -> Tensor:
-    """Functional AdamHD update (see the module docstring). Returns the count of skipped non-finite elements."""
+    """Functional AdamHD update (see the module docstring). Returns the count of skipped non-finite elements.
+
+    ``abs_sums_out``, when given (fp64, one entry per tensor), receives ``Σ|θ|`` of each tensor AFTER the update —
+    the next step's layer statistic — bitwise equal to :func:`adamhd_dist.stats.layer_abs_sums` of the updated
+    tensors on the CPU. The fused CPU kernel gets it from the same pass over the data, for free."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
@@ -118,14 +147,23 @@ def adamhd(
         raise ValueError("deltas are required when weight_decay != 0")
     if deltas is not None and len(deltas) != n:
         raise ValueError(f"deltas must have one entry per tensor ({n}), got {len(deltas)}")
+    if abs_sums_out is not None and abs_sums_out.shape != (n,):
+        raise ValueError(f"abs_sums_out must have shape ({n},), got {tuple(abs_sums_out.shape)}")
     device = params[0].device if n else torch.device("cpu")
     if n == 0:
         return torch.zeros((), dtype=torch.int64, device=device)
     path = default_path(params, foreach, fused)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
               bias_correction=bias_correction, grad_scale=grad_scale)
-    impl = {"loop": _single_tensor_adamhd, "foreach": _multi_tensor_adamhd, "fused": _fused_adamhd}[path]
-    return impl(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, **kw)
+    if path == "fused":
+        return _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, abs_sums_out=abs_sums_out, **kw)
+    impl = _single_tensor_adamhd if path == "loop" else _multi_tensor_adamhd
+    skipped = impl(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, **kw)
+    if abs_sums_out is not None:
+        from .stats import layer_abs_sums
+
+        abs_sums_out.copy_(layer_abs_sums(params))
+    return skipped
 
 
 def _delta_list(deltas, n) -> list[float]:
@@ -250,7 +288,7 @@ def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
 
 
 def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
-                  weight_decay, decay, bias_correction, grad_scale):
+                  weight_decay, decay, bias_correction, grad_scale, abs_sums_out=None):
     """One kernel call per (device, dtypes) bucket — one in the usual case — whatever the number of layers."""
     step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     device = params[0].device
@@ -284,15 +322,23 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
                 grad_scale=gs, nonfinite=counter)
             skipped = skipped + counter[0].to(device)
+            if abs_sums_out is not None:
+                from .stats import layer_abs_sums
+
+                sums = layer_abs_sums(p)  # a second (one-launch) pass on the GPU
+                abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)
         elif dev.type == "cpu":
             from .kernels import cpu
 
             d = None if deltas is None else pick(_delta_list(deltas, len(params)))
+            sums = None if abs_sums_out is None else torch.empty(len(idx), dtype=torch.float64)
             n_bad = cpu.fused_adamhd_cpu_(
                 p, g, m, v, step_sizes=pick(step_sizes), bc2_sqrts=pick(bc2_sqrts), deltas=d,
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                grad_scale=_grad_scale_value(grad_scale))
+                grad_scale=_grad_scale_value(grad_scale), abs_sums_out=sums)
             skipped = skipped + int(n_bad)
+            if sums is not None:
+                abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)
         else:
             raise RuntimeError(f"fused=True is not supported on device {dev}: use foreach=True")
     return skipped

@@ -164,6 +164,9 @@ class AdamHD(Optimizer):
         self.local_tensor: Callable[[Tensor], Tensor] | None = None
         self._last_deltas: dict[Tensor, float] = {}
         self._pending_nonfinite: list[tuple[int, Tensor]] = []
+        # param -> (Σ|θ| after its last update, version counter and address of the updated tensor): the next
+        # step's statistic, produced by the update itself. Used only while the tensor is provably unchanged.
+        self._abs_sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -176,6 +179,7 @@ class AdamHD(Optimizer):
         self.__dict__.setdefault("local_tensor", None)
         self.__dict__.setdefault("_last_deltas", {})
         self.__dict__.setdefault("_pending_nonfinite", [])
+        self.__dict__.setdefault("_abs_sum_cache", {})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -239,7 +243,7 @@ class AdamHD(Optimizer):
                 stat_groups += [group] * len(ps)
         deltas: dict[Tensor, Tensor] = {}
         if stat_params:
-            sums = layer_abs_sums([self._local(p) for p in stat_params])
+            sums = self._local_abs_sums(stat_params)
             if self.reduce_layer_sums is not None:
                 sums = self.reduce_layer_sums(sums)
             numels = [self._numel(p) for p in stat_params]
@@ -272,6 +276,33 @@ class AdamHD(Optimizer):
                 for p in ps:
                     deltas[p] = torch.tensor(float(group["delta"]), dtype=torch.float32)
         return deltas
+
+    def _local_abs_sums(self, params: list[Tensor]) -> Tensor:
+        """Σ|θ_local| per param: from the previous update's by-product when the tensor is unchanged since (same
+        version counter and address), else one fresh :func:`layer_abs_sums` call for the rest."""
+        locals_ = [self._local(p) for p in params]
+        cached, missing = {}, []
+        for i, (p, t) in enumerate(zip(params, locals_)):
+            hit = self._abs_sum_cache.get(p)
+            if hit is not None and hit[1] == t._version and hit[2] == t.data_ptr():
+                cached[i] = hit[0]
+            else:
+                missing.append(i)
+        if not cached:
+            return layer_abs_sums(locals_)
+        device = locals_[0].device
+        out = torch.empty(len(params), dtype=torch.float64, device=device)
+        idx = list(cached)
+        out[torch.tensor(idx, device=device)] = torch.stack([cached[i] for i in idx]).to(device)
+        if missing:
+            out[torch.tensor(missing, device=device)] = layer_abs_sums([locals_[i] for i in missing]).to(device)
+        return out
+
+    def invalidate_layer_stats(self) -> None:
+        """Forget the statistics kept from the last update, so the next step re-reads every θ. The optimizer
+        notices in-place changes to a parameter by itself (its version counter); call this after writing into a
+        parameter's storage behind autograd's back (e.g. ``p.data.copy_(...)``)."""
+        self._abs_sum_cache.clear()
 
     def _report_nonfinite(self, final: bool = False):
         still = []
@@ -315,13 +346,19 @@ class AdamHD(Optimizer):
             else:
                 ds = None
             local = self._local
+            needs = self._needs_delta(group)
+            sums_out = torch.empty(len(ps), dtype=torch.float64, device=local(ps[0]).device) if needs else None
             count = F.adamhd(
                 [local(p) for p in ps], [local(p.grad) for p in ps], [local(s["exp_avg"]) for s in states],
                 [local(s["exp_avg_sq"]) for s in states], steps, ds,
-                foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale,
+                foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=wd, decay=group["decay"], bias_correction=group["bias_correction"])
             self._pending_nonfinite.append((int(max(steps)), count))
+            if needs:
+                for p, total in zip(ps, sums_out.unbind(0)):
+                    t = local(p)
+                    self._abs_sum_cache[p] = (total, t._version, t.data_ptr())
         self._report_nonfinite()
         return loss
 
@@ -355,6 +392,7 @@ class AdamHD(Optimizer):
         state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("delta_ema", "max_exp_avg_sq")}
                                for k, v in saved_state.items()}
         super().load_state_dict(state_dict)
+        self._abs_sum_cache.clear()
         index = [p for g in self.param_groups for p in g["params"]]
         for p in index:
             st = self.state.get(p)

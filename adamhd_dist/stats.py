@@ -30,8 +30,10 @@ DELTA_MODES = ("ema", "mean_abs", "constant")
 def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
     """``Σ|x|`` of each tensor, accumulated in fp32 per tensor and returned as fp64 ``(len(tensors),)``.
 
-    One fused launch per device on CUDA (Triton when available, else ``torch._foreach_norm``), one vectorised
-    call per tensor on CPU. The result lives on the first tensor's device."""
+    One fused launch per device on CUDA (Triton when available, else ``torch._foreach_norm``); on CPU one call of
+    the C++ kernel, whose summation order depends only on each tensor's values and numel (not on its address or
+    the thread count), so a resumed run reproduces the statistic bit for bit. The result lives on the first
+    tensor's device."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     out_device = tensors[0].device
@@ -47,6 +49,11 @@ def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
 
             if triton_adamhd.available():
                 sums = triton_adamhd.layer_abs_sums_triton(ts)
+        elif device.type == "cpu":
+            from .kernels import cpu
+
+            if cpu.available() and all(t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() for t in ts):
+                sums = cpu.layer_abs_sums_cpu(ts)
         if sums is None:
             norms = torch._foreach_norm(ts, 1, dtype=torch.float32)
             sums = torch.stack(norms)

@@ -359,6 +359,216 @@ def test_argument_errors_and_empty():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Layer statistic Σ|x|: layer_abs_sums_cpu and the update's abs_sums_out.
+# ----------------------------------------------------------------------------------------------------------------
+SUM_SIZES = [1, 7, 2047, 2048, 2049, 10000]
+
+
+def spread(n, gen, dtype=torch.float32):
+    """Values over many binades (so the summation order shows in the last bits), both signs."""
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp2(torch.randint(-40, 41, (n,), generator=gen))
+    return x.to(dtype)
+
+
+def ordered_abs_sum(x):
+    """The documented summation order, in float64 IEEE ops: blocks of SUM_BLOCK from the tensor's start; in a block,
+    lane l = i % 32 accumulates sequentially; lanes combined by the fixed tree; block partials added in order."""
+    B, L = kcpu.SUM_BLOCK, kcpu.SUM_LANES
+    a = x.detach().reshape(-1).double().abs()
+    n = a.numel()
+    if n == 0:
+        return 0.0
+    nb = -(-n // B)
+    a = torch.cat([a, a.new_zeros(nb * B - n)]).view(nb, B // L, L)  # zero padding: lane + 0.0 == lane
+    lanes = torch.zeros(nb, L, dtype=torch.float64)
+    for r in range(B // L):
+        lanes = lanes + a[:, r, :]
+    t = (lanes[:, 0:8] + lanes[:, 8:16]) + (lanes[:, 16:24] + lanes[:, 24:32])
+    parts = ((t[:, 0] + t[:, 4]) + (t[:, 2] + t[:, 6])) + ((t[:, 1] + t[:, 5]) + (t[:, 3] + t[:, 7]))
+    s = 0.0
+    for p in parts.tolist():
+        s += p
+    return s
+
+
+def bits(t):
+    return t.view(torch.int64)
+
+
+def test_sum_constants_match_the_kernel():
+    mod = kcpu.load()
+    assert (mod.SUM_BLOCK, mod.SUM_LANES) == (kcpu.SUM_BLOCK, kcpu.SUM_LANES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_abs_sums_matches_float64_reference(dtype):
+    gen = torch.Generator().manual_seed(31)
+    sizes = [0, *SUM_SIZES, 31, 32, 33, 100_003]
+    ts = [spread(n, gen, dtype) for n in sizes]
+    out = kcpu.layer_abs_sums_cpu(ts)
+    assert out.dtype == torch.float64 and out.shape == (len(ts),) and out.device.type == "cpu"
+    for t, s in zip(ts, out.tolist()):
+        ref = t.double().abs().sum().item()
+        assert abs(s - ref) <= 1e-12 * ref, (t.numel(), s, ref)
+        assert s == ordered_abs_sum(t)  # bit for bit the documented order
+    assert out[0].item() == 0.0
+    assert kcpu.layer_abs_sums_cpu([]).shape == (0,)
+    # integers: every order is exact
+    ints = [torch.arange(-n // 2, n - n // 2, dtype=torch.float32).to(dtype) for n in (5, 3000)]
+    assert kcpu.layer_abs_sums_cpu(ints).tolist() == [t.double().abs().sum().item() for t in ints]
+
+
+def test_layer_abs_sums_nonfinite_and_errors():
+    x = torch.ones(5000)
+    y = x.clone()
+    y[4000] = -math.inf
+    z = x.clone()
+    z[3] = math.nan
+    out = kcpu.layer_abs_sums_cpu([x, y, z, y.bfloat16()])
+    assert out[0] == 5000 and out[1] == math.inf and math.isnan(out[2]) and out[3] == math.inf
+    with pytest.raises(RuntimeError):
+        kcpu.layer_abs_sums_cpu([torch.zeros(4, dtype=torch.float64)])
+    with pytest.raises(RuntimeError):
+        kcpu.layer_abs_sums_cpu([torch.zeros(4, 2).t()])
+
+
+def make_views(sizes, offsets, gen, *, pdtype, poison=True):
+    """p, g, m, v as views into flat buffers, view i starting `offsets[i]` elements after the end of view i - 1;
+    some gradients non-finite."""
+    total = sum(sizes) + sum(offsets) + 3
+    flat_p = spread(total, gen, pdtype)
+    flat_g = torch.randn(total, generator=gen) * 1e-2
+    flat_m = torch.randn(total, generator=gen) * 1e-3
+    flat_v = torch.rand(total, generator=gen) * 1e-4
+    views = [[], [], [], []]
+    off = 0
+    for n, gap in zip(sizes, offsets):
+        off += gap
+        for lst, f in zip(views, (flat_p, flat_g, flat_m, flat_v)):
+            lst.append(f.narrow(0, off, n))
+        off += n
+    if poison:
+        for i, g in enumerate(views[1]):
+            idx = torch.randint(0, g.numel(), (max(1, g.numel() // 500),), generator=gen)
+            g[idx] = torch.tensor([math.nan, math.inf, -math.inf])[torch.arange(idx.numel()) % 3]
+    return views
+
+
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", ["prox", "clip"])
+def test_abs_sums_out_bitwise_equals_layer_abs_sums_after_update(pdtype, decay):
+    gen = torch.Generator().manual_seed(41)
+    sizes = SUM_SIZES + [70_001]
+    p, g, m, v = make_views(sizes, [1, 3, 5, 0, 7, 2, 1], gen, pdtype=pdtype)
+    k = len(sizes)
+    out = torch.full((k,), -1.0, dtype=torch.float64)
+    for t in (1, 2, 3):
+        olds = [x.clone() for x in p]
+        bad = run_kernel(p, g, m, v, t, deltas=[0.1, INF, 0.0, 1.0, 0.01, 0.5, 0.2][:k], weight_decay=0.3,
+                         decay=decay, grad_scale=2.0, abs_sums_out=out)
+        assert bad > 0
+        assert torch.equal(bits(out), bits(kcpu.layer_abs_sums_cpu(p)))
+        for i in range(k):
+            assert out[i].item() == ordered_abs_sum(p[i])
+            fin = torch.isfinite(g[i])
+            assert torch.equal(p[i][~fin], olds[i][~fin])  # the masked elements kept (and were summed) as stored
+
+
+def test_abs_sums_out_does_not_change_the_update_and_handles_empty():
+    gen = torch.Generator().manual_seed(43)
+    sizes = [2049, 0, 10000, 7]
+    results = []
+    for want in (False, True):
+        gen.manual_seed(43)
+        ps, gs, ms, vs = make_tensors(sizes, gen, pdtype=torch.bfloat16)
+        out = torch.full((len(sizes),), -1.0, dtype=torch.float64) if want else None
+        run_kernel(ps, gs, ms, vs, 1, deltas=[0.1] * 4, weight_decay=0.1, decay="prox", abs_sums_out=out)
+        results.append((ps, ms, vs, out))
+    for a, b in zip(results[0][:3], results[1][:3]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    out = results[1][3]
+    assert out[1].item() == 0.0
+    assert torch.equal(bits(out), bits(kcpu.layer_abs_sums_cpu(results[1][0])))
+
+
+def test_abs_sums_out_argument_errors():
+    ps, gs, ms, vs = ([torch.zeros(4), torch.zeros(3)] for _ in range(4))
+    kw = dict(step_sizes=[1e-3] * 2, bc2_sqrts=[1.0] * 2, deltas=[1.0] * 2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.1, decay="prox")
+    f64 = torch.float64
+    for bad in (torch.zeros(2), torch.zeros(3, dtype=f64), torch.zeros(4, dtype=f64)[::2], torch.zeros(1, 2, dtype=f64),
+                [0.0, 0.0]):
+        with pytest.raises(ValueError):
+            kcpu.fused_adamhd_cpu_(ps, gs, ms, vs, abs_sums_out=bad, **kw)
+    out = torch.zeros(2, dtype=f64)
+    kcpu.fused_adamhd_cpu_(ps, gs, ms, vs, abs_sums_out=out, **kw)
+    assert out.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_abs_sums_independent_of_address(dtype):
+    """The same values at different offsets in a buffer (different alignment, vector peeling) or in their own
+    allocation give bit-identical sums, from layer_abs_sums_cpu and from the update's abs_sums_out."""
+    gen = torch.Generator().manual_seed(47)
+    sizes = SUM_SIZES + [100_003]
+    vals = [spread(n, gen, dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen) * 1e-2 for n in sizes]
+    sums, outs = [], []
+    for start in (0, 1, 3, 5, None):
+        if start is None:  # separate allocations
+            ts = [x.clone() for x in vals]
+        else:
+            buf = torch.zeros(start + sum(sizes) + 8, dtype=dtype)
+            ts = list(buf.narrow(0, start, sum(sizes)).split(sizes))
+            for t, x in zip(ts, vals):
+                t.copy_(x)
+        sums.append(kcpu.layer_abs_sums_cpu(ts))
+        ms = [torch.zeros(n) for n in sizes]
+        vs = [torch.zeros(n) for n in sizes]
+        out = torch.empty(len(sizes), dtype=torch.float64)
+        run_kernel(ts, grads, ms, vs, 1, deltas=[0.1] * len(sizes), weight_decay=0.1, decay="clip", abs_sums_out=out)
+        outs.append(out)
+    for s in sums[1:]:
+        assert torch.equal(bits(s), bits(sums[0]))
+    for o in outs[1:]:
+        assert torch.equal(bits(o), bits(outs[0]))
+    if dtype == torch.float32:  # the data are order-sensitive (the test has teeth): the reversed tensor sums otherwise
+        # (bf16 values, 8 significant bits, mostly sum exactly in double: any order gives the same bits)
+        assert kcpu.layer_abs_sums_cpu([vals[-1].flip(0)]).item() != sums[0][-1].item()
+
+
+def test_abs_sums_independent_of_thread_count():
+    gen = torch.Generator().manual_seed(53)
+    sizes = [300_001, 7, 2049, 1, 150_000]
+    vals = {dt: [spread(n, gen, dt) for n in sizes] for dt in (torch.float32, torch.bfloat16)}
+    grads = [torch.randn(n, generator=gen) * 1e-2 for n in sizes]
+    grads[0][[5, 200_000]] = math.nan
+    results = []
+    nthreads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            r = []
+            for dt, ts in vals.items():
+                r.append(kcpu.layer_abs_sums_cpu(ts))
+                ps = [t.clone() for t in ts]
+                out = torch.empty(len(sizes), dtype=torch.float64)
+                run_kernel(ps, grads, [torch.zeros(n) for n in sizes], [torch.zeros(n) for n in sizes], 1,
+                           deltas=[0.05] * len(sizes), weight_decay=0.2, decay="prox", abs_sums_out=out)
+                r.append(out)
+                r.append(kcpu.layer_abs_sums_cpu(ps))
+            results.append(r)
+    finally:
+        torch.set_num_threads(nthreads)
+    assert torch.get_num_threads() == nthreads
+    for a, b in zip(*results):
+        assert torch.equal(bits(a), bits(b))
+    for r in results:  # abs_sums_out == layer_abs_sums_cpu after the update, per dtype
+        assert torch.equal(bits(r[1]), bits(r[2])) and torch.equal(bits(r[4]), bits(r[5]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Property: the prox step moves x_tilde (the post-Adam value) by at most tau*delta and never flips its sign.
 # ----------------------------------------------------------------------------------------------------------------
 finite_f32 = st.floats(min_value=-(2.0**100), max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)

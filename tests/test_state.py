@@ -244,3 +244,28 @@ def test_grad_scaler_scale_is_divided_out():
     ob.step()
     for x1, x2 in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(x1, x2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_statistic_follows_parameters_changed_between_steps(path):
+    """The optimizer reuses Σ|θ| produced by its own update; a parameter changed in place between steps (here
+    scaled by 3, as a weight-averaging or re-init hook would) must be re-read, so δ matches the reference."""
+    torch.manual_seed(8)
+    p = torch.nn.Parameter(torch.randn(40, 9))
+    opt = AdamHD([p], lr=1e-2, weight_decay=0.2, delta_mode="mean_abs", **PATHS[path])
+    ref = RefAdamHD([p.detach().double().numpy()], lr=1e-2, weight_decay=0.2, delta_mode="mean_abs")
+    for k in range(4):
+        g = torch.randn(40, 9)
+        p.grad = g
+        opt.step()
+        ref.step([g.double().numpy()])
+        assert adamhd_dist.layer_deltas(opt)[0] == pytest.approx(ref.deltas[0], rel=1e-6)
+        if k == 1:
+            with torch.no_grad():
+                p.mul_(3.0)
+            ref.params[0] = ref.params[0] * 3.0
+        if k == 2:
+            p.data.copy_(p.data * 0.5)  # behind autograd's back: the version counter does not move
+            opt.invalidate_layer_stats()
+            ref.params[0] = ref.params[0] * 0.5
+    np.testing.assert_allclose(p.detach().double().numpy(), ref.params[0], rtol=1e-5, atol=1e-6)

@@ -9,7 +9,9 @@ extension name carries a fingerprint of the CPU flags: a cache shared between di
 not hand one machine another's instructions.
 
 One call updates a whole list of tensors (separate allocations, or contiguous views into one flat
-buffer); see :func:`fused_adamhd_cpu_` for the math.
+buffer); see :func:`fused_adamhd_cpu_` for the math. :func:`layer_abs_sums_cpu` computes the per-layer statistic
+``Σ|x|`` in one call, and the update can emit the same statistic for the values it stores (``abs_sums_out``), bit
+for bit equal, in the same pass over the data.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["load", "available", "fused_adamhd_cpu_"]
+__all__ = ["load", "available", "fused_adamhd_cpu_", "layer_abs_sums_cpu", "SUM_BLOCK", "SUM_LANES"]
+
+# Summation order of the layer statistic Σ|x| (layer_abs_sums_cpu and fused_adamhd_cpu_'s abs_sums_out); fixed in
+# cpu_adamhd.cpp (kSumBlock, kSumLanes), listed here for documentation and tests only.
+SUM_BLOCK = 2048
+SUM_LANES = 32
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_adamhd.cpp")
 # -ffp-contract=off: no implicit FMA, so every element rounds the same way whether it lands in the vector body
@@ -70,8 +78,13 @@ def load():
         try:
             from torch.utils import cpp_extension
 
+            name = f"adamhd_cpu_{_cpu_fingerprint()}"
+            build_dir = cpp_extension._get_build_directory(name, verbose=False)
+            if not any(f.endswith(".so") for f in os.listdir(build_dir)):
+                print(f"adamhd_dist: building the fused CPU kernel (first use only, about a minute) in {build_dir}",
+                      file=sys.stderr, flush=True)
             _module = cpp_extension.load(
-                name=f"adamhd_cpu_{_cpu_fingerprint()}",
+                name=name,
                 sources=[_SOURCE],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=_LDFLAGS,
@@ -118,6 +131,7 @@ def fused_adamhd_cpu_(
     weight_decay: float,
     decay: str,
     grad_scale: float | None = None,
+    abs_sums_out: torch.Tensor | None = None,
 ) -> int:
     """One fused AdamHD step over lists of contiguous CPU tensors, in place. Returns the non-finite count.
 
@@ -135,6 +149,11 @@ def fused_adamhd_cpu_(
         x -= step_size * m2 / (sqrt(v2) / bc2_sqrt + eps)
         prox: x -= tau * clamp(x / (1 + tau), -delta, delta)
         g finite: p, m, v = x, m2, v2;  otherwise p, m, v are left unchanged and the element is counted.
+
+    ``abs_sums_out``: optional contiguous float64 CPU tensor ``(len(params),)``; receives ``Σ|p|`` of each tensor's
+    values as STORED by this update (masked elements: the old value; bf16 params: the rounded bf16 value), computed
+    in the same pass with the summation order of :func:`layer_abs_sums_cpu` — bitwise equal to
+    ``layer_abs_sums_cpu(params)`` called right after the update.
     """
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
@@ -142,6 +161,11 @@ def fused_adamhd_cpu_(
     if decay not in ("prox", "clip"):
         raise ValueError(f"decay must be 'prox' or 'clip', got {decay!r}")
     mode = _DECAY_MODES[decay] if weight_decay != 0 else 0
+    if abs_sums_out is not None:
+        if not (isinstance(abs_sums_out, torch.Tensor) and abs_sums_out.device.type == "cpu"
+                and abs_sums_out.dtype == torch.float64 and abs_sums_out.shape == (n,)
+                and abs_sums_out.is_contiguous()):
+            raise ValueError(f"abs_sums_out must be a contiguous float64 CPU tensor of shape ({n},)")
     if n == 0:
         return 0
     if mode != 0 and deltas is None:
@@ -154,5 +178,22 @@ def fused_adamhd_cpu_(
         load().adamhd_step(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), ss, bc, ds,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), mode, scale,
+            abs_sums_out,
         )
     )
+
+
+def layer_abs_sums_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ|x|`` of each tensor as a float64 CPU tensor ``(len(tensors),)``, in one (multi-threaded) kernel call.
+
+    Tensors: contiguous CPU float32 / bfloat16 (separate allocations or views into one buffer); empty ones give 0.
+    Each ``|x|`` is exact in float64 and the summation order is fixed by the tensor's numel alone: blocks of
+    :data:`SUM_BLOCK` elements from the tensor's first element; within a block, element ``i`` goes to double lane
+    ``i % SUM_LANES`` and the lanes are combined by a fixed tree; the block partials are added in block order. The
+    result is therefore bitwise independent of the tensor's address / offset, of the thread count, and equal to
+    :func:`fused_adamhd_cpu_`'s ``abs_sums_out`` for the same stored values.
+    """
+    ts = [t.detach() for t in tensors]
+    if not ts:
+        return torch.zeros(0, dtype=torch.float64)
+    return load().abs_sums(ts)
