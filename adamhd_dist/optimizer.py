@@ -263,14 +263,14 @@ class AdamHD(Optimizer):
                 d, new_mu = update_deltas(sums[sel], [numels[i] for i in idx], mus, has_mu,
                                           mode=mode, scale=scale, beta=beta)
                 if new_mu is not None:
-                    for j, p in enumerate(ps):
-                        mu = new_mu[j].to(p.device)
-                        if "delta_ema" in self.state[p]:
-                            self.state[p]["delta_ema"].copy_(mu)
-                        else:
-                            self.state[p]["delta_ema"] = mu.clone()
-                for j, p in enumerate(ps):
-                    deltas[p] = d[j]
+                    old = [j for j, h in enumerate(has_mu) if h]
+                    if old:  # one foreach copy instead of a copy per layer
+                        torch._foreach_copy_([self.state[ps[j]]["delta_ema"] for j in old],
+                                             list(new_mu[torch.tensor(old, device=new_mu.device)].unbind(0)))
+                    for j, h in enumerate(has_mu):
+                        if not h:
+                            self.state[ps[j]]["delta_ema"] = new_mu[j].to(ps[j].device).clone()
+                deltas.update(zip(ps, d.unbind(0)))
         for group, ps, _ in work:
             if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0:
                 for p in ps:
@@ -335,10 +335,9 @@ class AdamHD(Optimizer):
         for group, ps, states in work:
             if not ps:
                 continue
-            steps = []
-            for s in states:
-                s["step"] += 1
-                steps.append(float(s["step"]))
+            step_tensors = [s["step"] for s in states]
+            torch._foreach_add_(step_tensors, 1.0)
+            steps = torch.stack(step_tensors).tolist()
             beta1, beta2 = group["betas"]
             wd = float(group["weight_decay"])
             if wd != 0.0:

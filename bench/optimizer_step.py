@@ -113,16 +113,18 @@ def flat_candidates(shapes, device):
     flat = buffers()
     m, v = torch.zeros_like(flat), torch.zeros_like(flat)
     pv, gv, mv, vv = views(flat.detach()), views(flat.grad), views(m), views(v)
-    state = {"t": 0, "mu": None}
+    state = {"t": 0, "mu": None, "sums": None}
 
     def adamhd_flat():
         state["t"] += 1
-        sums = layer_abs_sums(pv)
+        # the update's own by-product is the next step's statistic (what AdamHD does while θ is unchanged)
+        sums = layer_abs_sums(pv) if state["sums"] is None else state["sums"]
+        state["sums"] = torch.empty(len(pv), dtype=torch.float64, device=device)
         has = None if state["mu"] is None else [True] * len(pv)
         deltas, state["mu"] = update_deltas(sums, numels, state["mu"], has, mode="ema", scale=1.5, beta=0.99)
         adamhd(pv, gv, mv, vv, [state["t"]] * len(pv), deltas, fused=True, lr=HP["lr"], beta1=HP["betas"][0],
                beta2=HP["betas"][1], eps=HP["eps"], weight_decay=HP["weight_decay"], decay="prox",
-               bias_correction=True)
+               bias_correction=True, abs_sums_out=state["sums"])
 
     cands["AdamHD fused, per-layer δ"] = adamhd_flat
 
