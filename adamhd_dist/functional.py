@@ -295,7 +295,8 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     for (dev, *_), idx in _group_by_kind(params, grads, exp_avgs, exp_avg_sqs).items():
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        p, g, m, v = (pick([t.detach() for t in ts]) for ts in (params, grads, exp_avgs, exp_avg_sqs))
+        # The kernels write through raw pointers (no autograd), so no detach() per tensor is needed.
+        p, g, m, v = (pick(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
         if dev.type == "cuda" or FUSED_CPU_BACKEND == "triton":
             from .kernels import triton_adamhd
 

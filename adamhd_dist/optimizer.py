@@ -274,7 +274,7 @@ class AdamHD(Optimizer):
         for group, ps, _ in work:
             if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0:
                 for p in ps:
-                    deltas[p] = torch.tensor(float(group["delta"]), dtype=torch.float32)
+                    deltas[p] = torch.tensor(float(group["delta"]), dtype=torch.float32, device=p.device)
         return deltas
 
     def _local_abs_sums(self, params: list[Tensor]) -> Tensor:
@@ -341,7 +341,8 @@ class AdamHD(Optimizer):
             beta1, beta2 = group["betas"]
             wd = float(group["weight_decay"])
             if wd != 0.0:
-                ds = torch.stack([deltas[p].to(ps[0].device) for p in ps])
+                ds = torch.stack([deltas[p] for p in ps])
+                ds = ds.to(ps[0].device)
             else:
                 ds = None
             local = self._local
