@@ -20,7 +20,9 @@ _ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "deco
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) or (isinstance(x, Tensor) and x.numel() == 1)
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, (int, float)) or (isinstance(x, Tensor) and x.numel() == 1)
 
 
 def check_hyperparameters(group: dict[str, Any]) -> None:
@@ -304,10 +306,10 @@ class AdamHD(Optimizer):
         parameter's storage behind autograd's back (e.g. ``p.data.copy_(...)``)."""
         self._abs_sum_cache.clear()
 
-    def _report_nonfinite(self, final: bool = False):
+    def _report_nonfinite(self):
         still = []
         for step, count in self._pending_nonfinite:
-            if count.device.type == "cpu" or final or count.is_cuda and torch.cuda.current_stream().query():
+            if count.device.type == "cpu" or torch.cuda.current_stream(count.device).query():
                 n = int(count.item())
                 if n:
                     warnings.warn(f"AdamHD step {step}: {n} gradient element(s) were not finite; their "
