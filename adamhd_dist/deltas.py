@@ -31,6 +31,8 @@ def layer_deltas(obj) -> dict[str | int, float]:
 
     if not isinstance(obj, AdamHD):
         raise TypeError(f"layer_deltas expects an AdamHD optimizer or a supported engine, got {type(obj).__name__}")
+    if obj.layout is not None:
+        return _flat_layout_deltas(obj)
     out: dict[str | int, float] = {}
     last = obj.last_deltas()
     index = 0
@@ -50,4 +52,22 @@ def layer_deltas(obj) -> dict[str | int, float]:
                 out[key] = float((float(group["delta_scale"]) * mu.double()).float())
             elif p in last:
                 out[key] = last[p]
+    return out
+
+
+def _flat_layout_deltas(opt) -> dict[str, float]:
+    """{layer name: δ} of an optimizer over flat buffers: from the per-layer state, identical on every rank."""
+    lay = opt.layout
+    out: dict[str, float] = {}
+    for i, name in enumerate(lay.names):
+        group = opt.param_groups[lay.groups[i]]
+        if float(group["weight_decay"]) == 0.0:
+            continue
+        mode = group["delta_mode"]
+        if mode == "constant":
+            out[name] = float(group["delta"])
+        elif mode == "ema" and bool(lay.has_mu[i]):
+            out[name] = float((float(group["delta_scale"]) * lay.mu[i].double()).float())
+        elif mode == "mean_abs" and not torch.isnan(lay.delta[i]):
+            out[name] = float(lay.delta[i])
     return out

@@ -52,7 +52,7 @@ def param_groups(
         if hit_d and hit_n:
             raise ValueError(f"parameter {name!r} matches decay pattern(s) {hit_d} and no_decay pattern(s) {hit_n}: "
                              f"a parameter must land in exactly one group")
-        wants_decay = True if hit_d else False if hit_n else p.ndim >= 2
+        wants_decay = True if hit_d else False if hit_n else len(getattr(p, "ds_shape", p.shape)) >= 2
         target = dec if wants_decay else nodec
         target[0].append(p)
         target[1].append(name)

@@ -11,12 +11,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from .layout import FlatLayout
 from .stats import DELTA_MODES, layer_abs_sums, update_deltas
 
 __all__ = ["AdamHD"]
 
 # Keys an AdamW param group has that AdamHD does not use; dropped when loading an AdamW state_dict.
 _ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "device_mesh"))
 
 
 def _is_number(x) -> bool:
@@ -164,6 +169,10 @@ class AdamHD(Optimizer):
         self.layer_numel: Callable[[Tensor], int] | None = None
         # Engine integrations may set this: param -> the local tensor to update (e.g. DTensor.to_local()).
         self.local_tensor: Callable[[Tensor], Tensor] | None = None
+        # Engine integrations set this when the optimizer's params are flat per-rank buffers holding parts of many
+        # layers (ZeRO): see adamhd_dist.layout. The engine then calls begin_step() once per training step.
+        self.layout: FlatLayout | None = None
+        self._loaded_layer_state: dict | None = None
         self._last_deltas: dict[Tensor, float] = {}
         self._pending_nonfinite: list[tuple[int, Tensor]] = []
         # param -> (Σ|θ| after its last update, version counter and address of the updated tensor): the next
@@ -179,6 +188,8 @@ class AdamHD(Optimizer):
         self.__dict__.setdefault("reduce_layer_sums", None)
         self.__dict__.setdefault("layer_numel", None)
         self.__dict__.setdefault("local_tensor", None)
+        self.__dict__.setdefault("layout", None)
+        self.__dict__.setdefault("_loaded_layer_state", None)
         self.__dict__.setdefault("_last_deltas", {})
         self.__dict__.setdefault("_pending_nonfinite", [])
         self.__dict__.setdefault("_abs_sum_cache", {})
@@ -197,6 +208,16 @@ class AdamHD(Optimizer):
             if p.is_complex():
                 self.param_groups.pop()
                 raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
+        if any(getattr(p, "_fsdp_flattened", False) for p in group["params"]):  # FSDP1 flat-parameter views
+            self.param_groups.pop()
+            from .fsdp import fsdp1_unsupported_error
+
+            raise fsdp1_unsupported_error()
+        if self.reduce_layer_sums is None and any(_is_dtensor(p) for p in group["params"]):
+            # FSDP2 / DTensor parameters: the layer statistic is reduced over the shard dimension(s).
+            from .dtensor import install_dtensor_hooks
+
+            install_dtensor_hooks(self)
 
     # ----------------------------------------------------------------------------------------------------------
     # state
@@ -306,6 +327,93 @@ class AdamHD(Optimizer):
         parameter's storage behind autograd's back (e.g. ``p.data.copy_(...)``)."""
         self._abs_sum_cache.clear()
 
+    # ----------------------------------------------------------------------------------------------------------
+    # flat layouts (ZeRO partitions)
+    def set_layout(self, layout: FlatLayout | None) -> None:
+        """Declare that this optimizer's params are flat per-rank buffers described by ``layout`` (engine
+        integrations call this). Every flat tensor of a group with weight decay must be in the layout."""
+        self.layout = layout
+        if layout is not None:
+            # state up front (step 0, zero moments), so engines can map and checkpoint it before the first step
+            for flat in layout.fragments:
+                self._init_state(flat)
+        if layout is not None and self._loaded_layer_state is not None:
+            layout.load_state_dict(self._loaded_layer_state, strict=False)
+            self._loaded_layer_state = None
+
+    def _delta_setting(self, group) -> tuple | None:
+        if float(group["weight_decay"]) == 0.0:
+            return None
+        if group["delta_mode"] == "constant":
+            return ("constant", 0.0, 0.0, float(group["delta"]))
+        return (group["delta_mode"], float(group["delta_scale"]), float(group["delta_beta"]), None)
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Start a training step of a flat-layout optimizer: read this rank's part of every layer's ``Σ|θ|`` and
+        sum them over the ranks in ONE collective. Engines call it once per training step before they call
+        :meth:`step` (once per param group or sub-group); μ changes only when :meth:`step` runs, so a step the
+        engine skips (fp16 overflow) leaves it untouched."""
+        lay = self.layout
+        if lay is None:
+            return
+        settings = [self._delta_setting(self.param_groups[g]) for g in lay.groups]
+        need = {i for i, st in enumerate(settings) if st is not None and st[0] != "constant"}
+        sums = lay.local_sums(need) if need else None
+        if need and lay.reduce is not None:
+            sums = lay.reduce(sums)
+        lay.pending_sums = (sums, settings)
+        lay.ready = False
+
+    def _layout_deltas(self) -> Tensor:
+        """δ per layer for this training step (computed, and μ advanced, on the first inner step after
+        :meth:`begin_step`)."""
+        lay = self.layout
+        if lay.pending_sums is None:
+            if lay.ready:
+                return lay.delta
+            raise RuntimeError("AdamHD has a flat layout but begin_step() was not called before step(): step it "
+                               "through its engine (adamhd_dist.deepspeed.initialize)")
+        sums, settings = lay.pending_sums
+        lay.pending_sums = None
+        by_setting: dict[tuple, list[int]] = {}
+        for i, st in enumerate(settings):
+            if st is not None:
+                by_setting.setdefault(st, []).append(i)
+        for (mode, scale, beta, const), idx in by_setting.items():
+            sel = torch.tensor(idx, dtype=torch.long)
+            if mode == "constant":
+                lay.delta[sel] = const
+                continue
+            d, new_mu = update_deltas(sums[sel], [lay.numels[i] for i in idx], lay.mu[sel], lay.has_mu[sel],
+                                      mode=mode, scale=scale, beta=beta)
+            lay.delta[sel] = d.cpu()
+            if new_mu is not None:
+                lay.mu[sel] = new_mu.cpu()
+                lay.has_mu[sel] = True
+        lay.ready = True
+        return lay.delta
+
+    def _expand_flat(self, group, ps, states, steps, deltas):
+        """Replace each flat tensor of a decayed group by its layer fragments (views), each with its layer's δ."""
+        lay = self.layout
+        out_p, out_g, out_m, out_v, out_t, out_d, owners = [], [], [], [], [], [], []
+        for p, st, t in zip(ps, states, steps):
+            frags = lay.fragments.get(p)
+            if frags is None:
+                raise RuntimeError(f"a tensor of {p.numel()} elements in a decayed param group is not in the "
+                                   f"optimizer's flat layout")
+            lo = self._local
+            out_p += lay.views(lo(p), frags)
+            out_g += lay.views(lo(p.grad), frags)
+            out_m += lay.views(lo(st["exp_avg"]), frags)
+            out_v += lay.views(lo(st["exp_avg_sq"]), frags)
+            out_t += [t] * len(frags)
+            out_d.append(deltas[torch.tensor([f.layer for f in frags], dtype=torch.long)])
+            owners.append((p, len(frags)))
+        ds = torch.cat(out_d) if out_d else torch.zeros(0)
+        return out_p, out_g, out_m, out_v, out_t, ds, owners
+
     def _report_nonfinite(self):
         still = []
         for step, count in self._pending_nonfinite:
@@ -332,8 +440,14 @@ class AdamHD(Optimizer):
         self._report_nonfinite()
 
         work = self._collect()
-        deltas = self.compute_deltas(work)
+        lay = self.layout
+        if lay is not None:
+            layer_delta = self._layout_deltas()
+            deltas = {}
+        else:
+            deltas = self.compute_deltas(work)
         self._last_deltas = {p: d for p, d in deltas.items()}
+        local = self._local
         for group, ps, states in work:
             if not ps:
                 continue
@@ -342,22 +456,31 @@ class AdamHD(Optimizer):
             steps = torch.stack(step_tensors).tolist()
             beta1, beta2 = group["betas"]
             wd = float(group["weight_decay"])
-            if wd != 0.0:
-                ds = torch.stack([deltas[p] for p in ps])
-                ds = ds.to(ps[0].device)
+            owners = None
+            if lay is not None and wd != 0.0:
+                params, grads, m, v, steps, ds, owners = self._expand_flat(group, ps, states, steps, layer_delta)
+                device = params[0].device if params else ps[0].device
+                ds = ds.to(device)
+                needs = group["delta_mode"] != "constant"
             else:
-                ds = None
-            local = self._local
-            needs = self._needs_delta(group)
-            sums_out = torch.empty(len(ps), dtype=torch.float64, device=local(ps[0]).device) if needs else None
+                params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
+                m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
+                ds = torch.stack([deltas[p] for p in ps]).to(ps[0].device) if wd != 0.0 else None
+                needs = self._needs_delta(group)
+                device = params[0].device
+            if not params:
+                continue
+            sums_out = torch.empty(len(params), dtype=torch.float64, device=device) if needs else None
             count = F.adamhd(
-                [local(p) for p in ps], [local(p.grad) for p in ps], [local(s["exp_avg"]) for s in states],
-                [local(s["exp_avg_sq"]) for s in states], steps, ds,
+                params, grads, m, v, steps, ds,
                 foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=wd, decay=group["decay"], bias_correction=group["bias_correction"])
             self._pending_nonfinite.append((int(max(steps)), count))
-            if needs:
+            if needs and owners is not None:
+                for (p, n), chunk in zip(owners, sums_out.split([n for _, n in owners])):
+                    lay.remember_sums(p, chunk)
+            elif needs:
                 for p, total in zip(ps, sums_out.unbind(0)):
                     t = local(p)
                     self._abs_sum_cache[p] = (total, t._version, t.data_ptr())
@@ -365,10 +488,23 @@ class AdamHD(Optimizer):
         return loss
 
     # ----------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim, plus, when the optimizer has a flat layout, ``"layer_state"`` ({layer name:
+        {"delta_ema": μ}}: per-layer state keyed by name, independent of how the layers are cut) and
+        ``"flat_layout"`` (which elements of which layer each saved flat tensor holds, so that a checkpoint can be
+        loaded at another world size)."""
+        sd = super().state_dict()
+        if self.layout is not None:
+            sd["layer_state"] = self.layout.state_dict()
+            sd["flat_layout"] = self.layout.describe([p for g in self.param_groups for p in g["params"]])
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an AdamHD state_dict exactly, or an AdamW one (keeps step and moments; μ starts from the next
         step's statistic). μ is kept in fp32 whatever the parameter dtype."""
         state_dict = dict(state_dict)
+        layer_state = state_dict.pop("layer_state", None)
+        state_dict.pop("flat_layout", None)
         groups = []
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(state_dict['param_groups'])} parameter groups, "
@@ -401,10 +537,17 @@ class AdamHD(Optimizer):
             if st and "step" in st:
                 st["step"] = st["step"].detach().to("cpu", torch.float32) if isinstance(st["step"], Tensor) \
                     else torch.tensor(float(st["step"]), dtype=torch.float32)
+        # saved state keys are the saved groups' "params" entries: positions, or FQNs (torch.distributed.checkpoint)
+        keys = {k: p for g, cur in zip(groups, self.param_groups) for k, p in zip(g["params"], cur["params"])}
         for k, mu in mus.items():
-            p = index[k]
+            p = keys[k]
             self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
         self._last_deltas = {}
+        if layer_state is not None:
+            if self.layout is not None:
+                self.layout.load_state_dict(layer_state, strict=False)
+            else:
+                self._loaded_layer_state = layer_state
 
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only)."""

@@ -1,0 +1,211 @@
+"""Where whole layers live inside the flat tensors a sharding engine hands the optimizer.
+
+ZeRO-1/2 and DeepSpeed's BF16 optimizer flatten each param group and give every rank one contiguous slice; ZeRO-3
+packs every parameter's own partition into per-rank sub-group buffers. Either way the optimizer sees a few 1-D
+fp32 tensors in which layer boundaries are gone. A :class:`FlatLayout` puts them back:
+
+- a global, ordered table of layers (name, true numel, param group), identical on every rank, so per-layer
+  vectors line up across ranks without any name exchange;
+- for each flat tensor this rank owns, its fragments: ``(layer, start, numel)`` — which slice of the flat tensor
+  holds which part of which layer (padding belongs to no fragment and is not an element of any layer);
+- the reduction that sums a per-layer vector over the ranks that shard the layers (ONE collective).
+
+The layout also keeps the per-layer state that does not depend on the world size: μ (``delta_ema``) and whether a
+layer has one yet, by layer index and therefore by name. Nothing here knows an engine; the engine adapters
+(:mod:`adamhd_dist.deepspeed`) build layouts from the engine's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Fragment", "FlatLayout"]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``numel`` elements of layer ``layer`` (an index into :attr:`FlatLayout.names`): elements
+    ``[offset, offset + numel)`` of the flattened layer sit at ``[start, start + numel)`` of a flat tensor."""
+
+    layer: int
+    start: int
+    numel: int
+    offset: int = 0
+
+
+class FlatLayout:
+    """Layers of an optimizer whose parameters are flat per-rank buffers.
+
+    Args:
+        names: every layer the optimizer updates, in an order that is the same on every rank.
+        numels: the number of elements of each whole layer (the unsharded tensor; padding excluded).
+        groups: the index of the optimizer param group each layer belongs to.
+        fragments: ``{flat tensor: [Fragment, ...]}`` for the flat tensors this rank updates; a layer appears in
+            at most one fragment per flat tensor, and a rank may hold no fragment of a layer at all.
+        reduce: sums an fp64 ``(len(names),)`` vector over the ranks that shard the layers, in one collective;
+            ``None`` when there is one rank.
+        shapes: the shape of each whole layer (for gathering full tensors); default 1-D.
+        engine_index: ``{flat tensor: its index in the engine's own list of flat tensors}`` (recorded in
+            checkpoints so that a loader finds the matching fp32 partition in the engine's files).
+    """
+
+    def __init__(self, names: Sequence[str], numels: Sequence[int], groups: Sequence[int],
+                 fragments: dict[Tensor, list[Fragment]], reduce: Callable[[Tensor], Tensor] | None,
+                 shapes: Sequence[tuple[int, ...]] | None = None, engine_index: dict[Tensor, int] | None = None):
+        if not (len(names) == len(numels) == len(groups)):
+            raise ValueError("names, numels and groups must have one entry per layer")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if list(names).count(n) > 1})
+            raise ValueError(f"layer names must be unique, repeated: {dup[:5]}")
+        self.names = list(names)
+        self.numels = [int(n) for n in numels]
+        self.groups = [int(g) for g in groups]
+        self.shapes = [tuple(int(d) for d in s) for s in shapes] if shapes is not None else [(n,) for n in self.numels]
+        for name, n, shape in zip(self.names, self.numels, self.shapes):
+            if math.prod(shape) != n:
+                raise ValueError(f"layer {name!r}: shape {shape} does not hold {n} elements")
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.reduce = reduce
+        self.fragments: dict[Tensor, list[Fragment]] = {}
+        self.engine_index = dict(engine_index or {})
+        for flat, frags in fragments.items():
+            self.add_flat(flat, frags)
+        n = len(self.names)
+        # world-size independent per-layer state
+        self.mu = torch.zeros(n, dtype=torch.float32)
+        self.has_mu = torch.zeros(n, dtype=torch.bool)
+        self.delta = torch.full((n,), float("nan"), dtype=torch.float32)  # δ used at the layer's latest step
+        # per training step: reduced Σ|θ| per layer, consumed by the first inner step after begin_step()
+        self.pending_sums: Tensor | None = None
+        self.ready = False
+        # flat tensor -> (Σ|θ| per fragment after its last update, version counter, address)
+        self.sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
+
+    def add_flat(self, flat: Tensor, frags: list[Fragment]) -> None:
+        if flat.dim() != 1:
+            raise ValueError(f"a flat layout tensor must be 1-D, got shape {tuple(flat.shape)}")
+        seen = set()
+        for f in frags:
+            if not (0 <= f.layer < len(self.names)):
+                raise ValueError(f"fragment refers to layer {f.layer}, the layout has {len(self.names)}")
+            if f.layer in seen:
+                raise ValueError(f"layer {self.names[f.layer]!r} appears twice in one flat tensor")
+            seen.add(f.layer)
+            if f.numel <= 0 or f.start < 0 or f.start + f.numel > flat.numel():
+                raise ValueError(f"fragment of {self.names[f.layer]!r} [{f.start}, {f.start + f.numel}) lies "
+                                 f"outside its flat tensor of {flat.numel()} elements")
+            if f.offset < 0 or f.offset + f.numel > self.numels[f.layer]:
+                raise ValueError(f"fragment of {self.names[f.layer]!r} covers elements [{f.offset}, "
+                                 f"{f.offset + f.numel}), the layer has {self.numels[f.layer]}")
+        self.fragments[flat] = sorted(frags, key=lambda f: f.start)
+
+    def __contains__(self, flat) -> bool:
+        return flat in self.fragments
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @staticmethod
+    def views(t: Tensor, frags: Sequence[Fragment]) -> list[Tensor]:
+        flat = t.view(-1)
+        return [flat.narrow(0, f.start, f.numel) for f in frags]
+
+    def local_sums(self, layers: set[int] | None = None) -> Tensor:
+        """fp64 ``(L,)``: this rank's ``Σ|θ|`` of every layer (0 for layers it holds nothing of), from the last
+        update's by-product where the flat tensor is unchanged since, else read afresh in one call."""
+        from .stats import layer_abs_sums
+
+        out = torch.zeros(len(self.names), dtype=torch.float64)
+        todo_views, todo_layers = [], []
+        for flat, frags in self.fragments.items():
+            if layers is not None:
+                frags = [f for f in frags if f.layer in layers]
+            if not frags:
+                continue
+            idx = torch.tensor([f.layer for f in frags], dtype=torch.long)
+            hit = self.sum_cache.get(flat)
+            if hit is not None and hit[1] == flat._version and hit[2] == flat.data_ptr() \
+                    and hit[0].numel() == len(self.fragments[flat]):
+                all_idx = [f.layer for f in self.fragments[flat]]
+                keep = torch.tensor([all_idx.index(f.layer) for f in frags], dtype=torch.long)
+                out.index_add_(0, idx, hit[0].detach().to("cpu", torch.float64)[keep])
+                continue
+            todo_views += self.views(flat.detach(), frags)
+            todo_layers += [f.layer for f in frags]
+        if todo_views:
+            sums = layer_abs_sums(todo_views).to("cpu", torch.float64)
+            out.index_add_(0, torch.tensor(todo_layers, dtype=torch.long), sums)
+        return out
+
+    def remember_sums(self, flat: Tensor, frag_sums: Tensor) -> None:
+        self.sum_cache[flat] = (frag_sums, flat._version, flat.data_ptr())
+
+    def scatter_local(self, tensor_of: Callable[[Tensor], Tensor | None], layers: Sequence[int] | None = None) -> Tensor:
+        """fp32 ``(Σ numel,)``: every layer's elements this rank holds, at their place in the concatenation of
+        whole layers (in layout order), zeros elsewhere. ``tensor_of(flat)`` gives the flat tensor to read (the
+        parameter itself, or a state tensor of the same layout) or None. Summing this over the ranks gives every
+        layer whole: each element is held by exactly one rank."""
+        layers = range(len(self.names)) if layers is None else layers
+        starts, total = {}, 0
+        for i in layers:
+            starts[i] = total
+            total += self.numels[i]
+        out = torch.zeros(total, dtype=torch.float32)
+        for flat, frags in self.fragments.items():
+            src = tensor_of(flat)
+            if src is None:
+                continue
+            src = src.detach().reshape(-1)
+            for f in frags:
+                if f.layer in starts:
+                    at = starts[f.layer] + f.offset
+                    out[at:at + f.numel] = src[f.start:f.start + f.numel].to("cpu", torch.float32)
+        return out
+
+    def split_layers(self, flat: Tensor, layers: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Inverse of the concatenation in :meth:`scatter_local`: {layer name: tensor of the layer's shape}."""
+        layers = range(len(self.names)) if layers is None else layers
+        out, at = {}, 0
+        for i in layers:
+            out[self.names[i]] = flat[at:at + self.numels[i]].view(self.shapes[i]).clone()
+            at += self.numels[i]
+        return out
+
+    def describe(self, ordered_params: Sequence[Tensor]) -> dict[int, dict]:
+        """``{i: {"engine_index", "numel", "fragments": [(layer name, start, numel, offset), ...]}}`` for the
+        flat tensors among ``ordered_params`` (``i`` = position in that list, as in an optimizer state_dict)."""
+        out = {}
+        for i, p in enumerate(ordered_params):
+            frags = self.fragments.get(p)
+            if frags is None:
+                continue
+            out[i] = {"engine_index": self.engine_index.get(p), "numel": p.numel(),
+                      "fragments": [(self.names[f.layer], f.start, f.numel, f.offset) for f in frags]}
+        return out
+
+    # ---------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ: the same on every rank and at
+        every world size."""
+        return {name: {"delta_ema": self.mu[i].clone()} for i, name in enumerate(self.names) if self.has_mu[i]}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
+        unknown = sorted(set(state) - set(self.index))
+        if unknown and strict:
+            raise ValueError(f"checkpoint has layer state for {len(unknown)} layer(s) this model does not have, "
+                             f"e.g. {unknown[:3]}")
+        self.mu.zero_()
+        self.has_mu.zero_()
+        for name, st in state.items():
+            i = self.index.get(name)
+            if i is None or "delta_ema" not in st:
+                continue
+            self.mu[i] = torch.as_tensor(st["delta_ema"], dtype=torch.float32).reshape(())
+            self.has_mu[i] = True
+        self.sum_cache.clear()
+        self.delta.fill_(float("nan"))

