@@ -12,11 +12,11 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # deepspeed is installed without build isolation: its setup.py must see the torch installed just before it.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q setuptools==84.2.1 wheel==0.48.0
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,mpi]"
+	$(BIN)/python -m pip install -q -c constraints.txt setuptools wheel
+	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,mpi]"
 	@touch $(STAMP)
 
 run: install
