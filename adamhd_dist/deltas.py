@@ -58,6 +58,7 @@ def layer_deltas(obj) -> dict[str | int, float]:
 def _flat_layout_deltas(opt) -> dict[str, float]:
     """{layer name: δ} of an optimizer over flat buffers: from the per-layer state, identical on every rank."""
     lay = opt.layout
+    mu, has_mu, last = lay.mu.cpu(), lay.has_mu.cpu(), lay.delta.cpu()
     out: dict[str, float] = {}
     for i, name in enumerate(lay.names):
         group = opt.param_groups[lay.groups[i]]
@@ -66,8 +67,8 @@ def _flat_layout_deltas(opt) -> dict[str, float]:
         mode = group["delta_mode"]
         if mode == "constant":
             out[name] = float(group["delta"])
-        elif mode == "ema" and bool(lay.has_mu[i]):
-            out[name] = float((float(group["delta_scale"]) * lay.mu[i].double()).float())
-        elif mode == "mean_abs" and not torch.isnan(lay.delta[i]):
-            out[name] = float(lay.delta[i])
+        elif mode == "ema" and bool(has_mu[i]):
+            out[name] = float((float(group["delta_scale"]) * mu[i].double()).float())
+        elif mode == "mean_abs" and not torch.isnan(last[i]):
+            out[name] = float(last[i])
     return out

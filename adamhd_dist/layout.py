@@ -72,14 +72,17 @@ class FlatLayout:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.reduce = reduce
         self.fragments: dict[Tensor, list[Fragment]] = {}
+        self._splits: dict[Tensor, tuple[list[int], list[int], Tensor]] = {}
         self.engine_index = dict(engine_index or {})
+        # per-layer vectors live where the flat tensors do (no host round trip per step on a GPU)
+        self.device = next(iter(fragments)).device if fragments else torch.device("cpu")
         for flat, frags in fragments.items():
             self.add_flat(flat, frags)
         n = len(self.names)
         # world-size independent per-layer state
-        self.mu = torch.zeros(n, dtype=torch.float32)
-        self.has_mu = torch.zeros(n, dtype=torch.bool)
-        self.delta = torch.full((n,), float("nan"), dtype=torch.float32)  # δ used at the layer's latest step
+        self.mu = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.has_mu = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=self.device)  # δ at latest step
         # per training step: reduced Σ|θ| per layer, consumed by the first inner step after begin_step()
         self.pending_sums: Tensor | None = None
         self.ready = False
@@ -87,6 +90,8 @@ class FlatLayout:
         self.sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
 
     def add_flat(self, flat: Tensor, frags: list[Fragment]) -> None:
+        if flat.device != self.device:
+            raise ValueError(f"all flat tensors of a layout must be on one device: {flat.device} vs {self.device}")
         if flat.dim() != 1:
             raise ValueError(f"a flat layout tensor must be 1-D, got shape {tuple(flat.shape)}")
         seen = set()
@@ -102,7 +107,23 @@ class FlatLayout:
             if f.offset < 0 or f.offset + f.numel > self.numels[f.layer]:
                 raise ValueError(f"fragment of {self.names[f.layer]!r} covers elements [{f.offset}, "
                                  f"{f.offset + f.numel}), the layer has {self.numels[f.layer]}")
-        self.fragments[flat] = sorted(frags, key=lambda f: f.start)
+        frags = sorted(frags, key=lambda f: f.start)
+        for a, b in zip(frags, frags[1:]):
+            if a.start + a.numel > b.start:
+                raise ValueError(f"fragments of {self.names[a.layer]!r} and {self.names[b.layer]!r} overlap")
+        self.fragments[flat] = frags
+        # one split of the flat tensor into [gap, fragment, gap, fragment, ..., tail] gives every view in one call
+        sizes, pick, at = [], [], 0
+        for f in frags:
+            if f.start > at:
+                sizes.append(f.start - at)
+            pick.append(len(sizes))
+            sizes.append(f.numel)
+            at = f.start + f.numel
+        if flat.numel() > at:
+            sizes.append(flat.numel() - at)
+        self._splits[flat] = (sizes, pick, torch.tensor([f.layer for f in frags], dtype=torch.long,
+                                                        device=flat.device))
 
     def __contains__(self, flat) -> bool:
         return flat in self.fragments
@@ -115,31 +136,40 @@ class FlatLayout:
         flat = t.view(-1)
         return [flat.narrow(0, f.start, f.numel) for f in frags]
 
+    def fragment_views(self, flat: Tensor, t: Tensor) -> list[Tensor]:
+        """Views of ``t`` (``flat`` itself, its grad or a state tensor of its size) at every fragment of ``flat``,
+        in fragment order."""
+        sizes, pick, _ = self._splits[flat]
+        parts = torch.split_with_sizes(t.view(-1), sizes)
+        return [parts[i] for i in pick]
+
+    def fragment_layers(self, flat: Tensor) -> Tensor:
+        """int64 layer index of every fragment of ``flat``, in fragment order."""
+        return self._splits[flat][2]
+
     def local_sums(self, layers: set[int] | None = None) -> Tensor:
         """fp64 ``(L,)``: this rank's ``Σ|θ|`` of every layer (0 for layers it holds nothing of), from the last
         update's by-product where the flat tensor is unchanged since, else read afresh in one call."""
         from .stats import layer_abs_sums
 
-        out = torch.zeros(len(self.names), dtype=torch.float64)
+        out = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         todo_views, todo_layers = [], []
         for flat, frags in self.fragments.items():
             if layers is not None:
                 frags = [f for f in frags if f.layer in layers]
             if not frags:
                 continue
-            idx = torch.tensor([f.layer for f in frags], dtype=torch.long)
             hit = self.sum_cache.get(flat)
             if hit is not None and hit[1] == flat._version and hit[2] == flat.data_ptr() \
                     and hit[0].numel() == len(self.fragments[flat]):
-                all_idx = [f.layer for f in self.fragments[flat]]
-                keep = torch.tensor([all_idx.index(f.layer) for f in frags], dtype=torch.long)
-                out.index_add_(0, idx, hit[0].detach().to("cpu", torch.float64)[keep])
+                # sums of every fragment, needed or not: entries of layers without a statistic are never read
+                out.index_add_(0, self.fragment_layers(flat), hit[0].detach().to(self.device, torch.float64))
                 continue
             todo_views += self.views(flat.detach(), frags)
             todo_layers += [f.layer for f in frags]
         if todo_views:
-            sums = layer_abs_sums(todo_views).to("cpu", torch.float64)
-            out.index_add_(0, torch.tensor(todo_layers, dtype=torch.long), sums)
+            sums = layer_abs_sums(todo_views).to(self.device, torch.float64)
+            out.index_add_(0, torch.tensor(todo_layers, dtype=torch.long, device=self.device), sums)
         return out
 
     def remember_sums(self, flat: Tensor, frag_sums: Tensor) -> None:
@@ -192,7 +222,8 @@ class FlatLayout:
     def state_dict(self) -> dict[str, dict[str, Tensor]]:
         """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ: the same on every rank and at
         every world size."""
-        return {name: {"delta_ema": self.mu[i].clone()} for i, name in enumerate(self.names) if self.has_mu[i]}
+        mu, has = self.mu.cpu(), self.has_mu.cpu()
+        return {name: {"delta_ema": mu[i].clone()} for i, name in enumerate(self.names) if has[i]}
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
         unknown = sorted(set(state) - set(self.index))

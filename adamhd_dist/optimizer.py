@@ -357,7 +357,8 @@ class AdamHD(Optimizer):
         lay = self.layout
         if lay is None:
             return
-        settings = [self._delta_setting(self.param_groups[g]) for g in lay.groups]
+        per_group = [self._delta_setting(g) for g in self.param_groups]
+        settings = [per_group[g] for g in lay.groups]
         need = {i for i, st in enumerate(settings) if st is not None and st[0] != "constant"}
         sums = lay.local_sums(need) if need else None
         if need and lay.reduce is not None:
@@ -381,15 +382,15 @@ class AdamHD(Optimizer):
             if st is not None:
                 by_setting.setdefault(st, []).append(i)
         for (mode, scale, beta, const), idx in by_setting.items():
-            sel = torch.tensor(idx, dtype=torch.long)
+            sel = torch.tensor(idx, dtype=torch.long, device=lay.device)
             if mode == "constant":
                 lay.delta[sel] = const
                 continue
             d, new_mu = update_deltas(sums[sel], [lay.numels[i] for i in idx], lay.mu[sel], lay.has_mu[sel],
                                       mode=mode, scale=scale, beta=beta)
-            lay.delta[sel] = d.cpu()
+            lay.delta[sel] = d.to(lay.device)
             if new_mu is not None:
-                lay.mu[sel] = new_mu.cpu()
+                lay.mu[sel] = new_mu.to(lay.device)
                 lay.has_mu[sel] = True
         lay.ready = True
         return lay.delta
@@ -404,12 +405,12 @@ class AdamHD(Optimizer):
                 raise RuntimeError(f"a tensor of {p.numel()} elements in a decayed param group is not in the "
                                    f"optimizer's flat layout")
             lo = self._local
-            out_p += lay.views(lo(p), frags)
-            out_g += lay.views(lo(p.grad), frags)
-            out_m += lay.views(lo(st["exp_avg"]), frags)
-            out_v += lay.views(lo(st["exp_avg_sq"]), frags)
+            out_p += lay.fragment_views(p, lo(p))
+            out_g += lay.fragment_views(p, lo(p.grad))
+            out_m += lay.fragment_views(p, lo(st["exp_avg"]))
+            out_v += lay.fragment_views(p, lo(st["exp_avg_sq"]))
             out_t += [t] * len(frags)
-            out_d.append(deltas[torch.tensor([f.layer for f in frags], dtype=torch.long)])
+            out_d.append(deltas[lay.fragment_layers(p)])
             owners.append((p, len(frags)))
         ds = torch.cat(out_d) if out_d else torch.zeros(0)
         return out_p, out_g, out_m, out_v, out_t, ds, owners

@@ -6,8 +6,9 @@
 Two layouts, the same number of parameters:
   (a) list:  a GPT-3-XL-shaped model (24 blocks, 292 tensors, d_model scaled to fit the machine; the GPU uses the
              real 2048 = 1.316 B parameters) as a list of separate tensors, through each optimizer's step();
-  (b) flat:  the same parameters in ONE flat fp32 buffer (a ZeRO partition): AdamHD updates it with per-layer δ
-             (one statistic call + one kernel over 292 layer views); the baselines update the flat tensor.
+  (b) flat:  the same parameters in ONE flat fp32 buffer (a ZeRO partition): AdamHD with a FlatLayout, stepped
+             as the ZeRO integration steps it (per-layer statistic, then one kernel call over 292 layer views);
+             the baselines update the flat tensor.
 
 AdamHD runs with delta_mode="ema" (the statistic is computed every step). Candidates are timed in interleaved
 rounds (round r times every candidate once) and the median is reported; "GB/s" counts the 7 x 4 bytes per
@@ -29,8 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamhd_dist import AdamHD  # noqa: E402
-from adamhd_dist.functional import adamhd  # noqa: E402
-from adamhd_dist.stats import layer_abs_sums, update_deltas  # noqa: E402
+from adamhd_dist.layout import FlatLayout, Fragment  # noqa: E402
 
 HP = dict(lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -106,25 +106,17 @@ def flat_candidates(shapes, device):
         flat.grad = (torch.randn(total, generator=g) * 1e-3).to(device)
         return flat
 
-    def views(t):
-        return [t.narrow(0, s, n) for s, n in zip(starts, numels)]
-
-    # AdamHD on a flat partition with per-layer δ: what the ZeRO integration runs.
+    # AdamHD on a flat partition with per-layer δ: the optimizer with a FlatLayout, stepped as the ZeRO
+    # integration steps it (begin_step: the per-layer statistic, then the inner step over 292 layer views)
     flat = buffers()
-    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
-    pv, gv, mv, vv = views(flat.detach()), views(flat.grad), views(m), views(v)
-    state = {"t": 0, "mu": None, "sums": None}
+    opt = AdamHD([flat], **HP, fused=True)
+    frags = [Fragment(i, s, n) for i, (s, n) in enumerate(zip(starts, numels))]
+    opt.set_layout(FlatLayout([f"layer{i}" for i in range(len(numels))], numels, [0] * len(numels), {flat: frags},
+                              None))
 
     def adamhd_flat():
-        state["t"] += 1
-        # the update's own by-product is the next step's statistic (what AdamHD does while θ is unchanged)
-        sums = layer_abs_sums(pv) if state["sums"] is None else state["sums"]
-        state["sums"] = torch.empty(len(pv), dtype=torch.float64, device=device)
-        has = None if state["mu"] is None else [True] * len(pv)
-        deltas, state["mu"] = update_deltas(sums, numels, state["mu"], has, mode="ema", scale=1.5, beta=0.99)
-        adamhd(pv, gv, mv, vv, [state["t"]] * len(pv), deltas, fused=True, lr=HP["lr"], beta1=HP["betas"][0],
-               beta2=HP["betas"][1], eps=HP["eps"], weight_decay=HP["weight_decay"], decay="prox",
-               bias_correction=True, abs_sums_out=state["sums"])
+        opt.begin_step()
+        opt.step()
 
     cands["AdamHD fused, per-layer δ"] = adamhd_flat
 

@@ -1,0 +1,163 @@
+"""AdamHD over flat buffers with a FlatLayout (what ZeRO hands the optimizer), on one process.
+
+Two layers cut into two flat "partitions" with padding must step exactly like AdamHD over the separate layers,
+with the statistic summed over both partitions (the layout's ``reduce`` stands in for the all-reduce)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PATHS
+
+import adamhd_dist
+from adamhd_dist.layout import FlatLayout, Fragment
+
+SHAPES = {"a": (7, 5), "b": (11,), "c": (3, 4)}
+HP = dict(lr=3e-2, betas=(0.9, 0.95), weight_decay=0.2, delta_scale=1.0, delta_beta=0.8)
+
+
+def reference_params():
+    g = torch.Generator().manual_seed(3)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def grads(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def split_into_partitions(full, pad=4):
+    """Concatenate a, b, c (+ `pad` padding zeros) and cut into two equal partitions, as ZeRO-1/2 does."""
+    flat = torch.cat([full[n].reshape(-1) for n in SHAPES] + [torch.zeros(pad)])
+    half = flat.numel() // 2
+    assert flat.numel() % 2 == 0
+    return flat[:half].clone(), flat[half:].clone(), half
+
+
+def fragments(half):
+    """Fragments of each layer in each half: layer a straddles the boundary."""
+    out = ([], [])
+    at = 0
+    for i, n in enumerate(SHAPES):
+        numel = torch.Size(SHAPES[n]).numel()
+        for part in (0, 1):
+            lo, hi = part * half, (part + 1) * half
+            a, b = max(at, lo), min(at + numel, hi)
+            if a < b:
+                out[part].append(Fragment(i, a - lo, b - a, a - at))
+        at += numel
+    return out
+
+
+def make_flat_optimizer(full, **kw):
+    p0, p1, half = split_into_partitions(full)
+    p0, p1 = torch.nn.Parameter(p0), torch.nn.Parameter(p1)
+    opt = adamhd_dist.AdamHD([p0, p1], **HP, **kw)
+    f0, f1 = fragments(half)
+    numels = [torch.Size(s).numel() for s in SHAPES.values()]
+    lay = FlatLayout(list(SHAPES), numels, [0, 0, 0], {p0: f0, p1: f1}, None, list(SHAPES.values()))
+    opt.set_layout(lay)
+    return opt, (p0, p1), half
+
+
+def set_flat_grads(parts, g):
+    a, b, _ = split_into_partitions(g)
+    parts[0].grad, parts[1].grad = a, b
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("mode", ["ema", "mean_abs", "constant"])
+def test_flat_layout_equals_separate_layers(path, mode):
+    extra = {"delta_mode": mode, **({"delta": 0.3} if mode == "constant" else {})}
+    full = reference_params()
+    ref_params = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
+    ref = adamhd_dist.AdamHD([{"params": list(ref_params.values()), "param_names": list(SHAPES)}], **HP, **extra,
+                             **PATHS[path])
+    opt, parts, half = make_flat_optimizer(full, **extra, **PATHS[path])
+    for step in range(6):
+        g = grads(step)
+        for n, p in ref_params.items():
+            p.grad = g[n].clone()
+        set_flat_grads(parts, g)
+        ref.step()
+        opt.begin_step()
+        opt.step()
+        state = opt.layout.split_layers(opt.layout.scatter_local(lambda f: f))
+        for n in SHAPES:
+            torch.testing.assert_close(state[n], ref_params[n].detach(), rtol=0, atol=2e-7)
+        assert adamhd_dist.layer_deltas(opt) == pytest.approx(adamhd_dist.layer_deltas(ref), rel=1e-6)
+    # padding is no layer's element: it is never touched
+    assert torch.equal(parts[1].detach()[-4:], torch.zeros(4))
+
+
+def test_statistic_comes_from_the_update_while_partitions_are_unchanged_and_rereads_after_a_write():
+    full = reference_params()
+    opt, parts, _ = make_flat_optimizer(full, fused=True)
+    calls = {"n": 0}
+    import adamhd_dist.stats as stats
+
+    original = stats.layer_abs_sums
+
+    def counting(ts):
+        calls["n"] += 1
+        return original(ts)
+
+    stats.layer_abs_sums = counting
+    try:
+        for step in range(3):
+            set_flat_grads(parts, grads(step))
+            opt.begin_step()
+            opt.step()
+        assert calls["n"] == 1  # the first step only: then the update's own Σ|θ| is reused
+        with torch.no_grad():
+            parts[0].mul_(2.0)  # an in-place write moves the version counter: the next step re-reads
+        set_flat_grads(parts, grads(3))
+        opt.begin_step()
+        assert calls["n"] == 2
+    finally:
+        stats.layer_abs_sums = original
+
+
+def test_state_dict_keeps_mu_by_name_and_describes_the_layout():
+    full = reference_params()
+    opt, parts, half = make_flat_optimizer(full)
+    for step in range(2):
+        set_flat_grads(parts, grads(step))
+        opt.begin_step()
+        opt.step()
+    sd = opt.state_dict()
+    assert set(sd["layer_state"]) == set(SHAPES)
+    assert sd["flat_layout"][0]["fragments"] == [("a", 0, 31, 0)]
+    assert sd["flat_layout"][1]["fragments"] == [("a", 0, 4, 31), ("b", 4, 11, 0), ("c", 15, 12, 0)]
+    opt2, parts2, _ = make_flat_optimizer(full)
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.layout.mu, opt.layout.mu) and bool(opt2.layout.has_mu.all())
+    assert adamhd_dist.layer_deltas(opt2) == adamhd_dist.layer_deltas(opt)
+
+
+def test_step_without_begin_step_is_an_error():
+    opt, parts, _ = make_flat_optimizer(reference_params())
+    set_flat_grads(parts, grads(0))
+    with pytest.raises(RuntimeError, match="begin_step"):
+        opt.step()
+
+
+@pytest.mark.parametrize("frags, match", [
+    ([Fragment(0, 0, 10), Fragment(1, 5, 3)], "overlap"),
+    ([Fragment(0, 15, 10)], "outside its flat tensor"),
+    ([Fragment(3, 0, 1)], "refers to layer 3"),
+    ([Fragment(0, 0, 2), Fragment(0, 4, 2)], "appears twice"),
+    ([Fragment(1, 0, 4, offset=9)], r"covers elements \[9, 13\)"),
+])
+def test_bad_fragments_are_refused(frags, match):
+    flat = torch.zeros(20)
+    with pytest.raises(ValueError, match=match):
+        FlatLayout(["x", "y", "z"], [12, 11, 5], [0, 0, 0], {flat: frags}, None)
+
+
+def test_bad_layer_tables_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        FlatLayout(["x", "x"], [1, 1], [0, 0], {}, None)
+    with pytest.raises(ValueError, match="does not hold"):
+        FlatLayout(["x"], [6], [0], {}, None, [(2, 2)])
