@@ -139,14 +139,21 @@ def layout_summary(engine):
             for flat, frags in lay.fragments.items()], dict(zip(lay.names, lay.numels))
 
 
-def run_case(world, stage, steps=10, naive=False, **cfg_kw):
+def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
+    import deepspeed
+
     import adamhd_dist
     from adamhd_dist import deepspeed as ads
 
     cfg = ds_config(world, stage, **cfg_kw)
     gas = cfg["gradient_accumulation_steps"]
     micro = cfg["train_micro_batch_size_per_gpu"]
-    engine, *_ = ads.initialize(model=make_model(), config=cfg)
+    if zero_init:  # ZeRO-3 partitions every parameter as the model is built: shapes read (0,) from then on
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = make_model()
+    else:
+        model = make_model()
+    engine, *_ = ads.initialize(model=model, config=cfg)
     opt = engine._adamhd_optimizer
     summary = layout_summary(engine)
     counts = {"reduce": 0, "inner_step": 0}

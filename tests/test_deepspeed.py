@@ -29,6 +29,7 @@ STAGE_CASES = [
     ("zero2", 2, {}),
     ("zero2_round_robin", 2, {"round_robin": True}),
     ("zero3", 3, {}),
+    ("zero3_zero_init", 3, {"zero_init": True}),
     ("zero2_offload", 2, {"offload": True}),
     ("zero3_offload", 3, {"offload": True}),
     ("zero2_no_accumulation", 2, {"gas": 1}),
