@@ -83,13 +83,20 @@ def load():
             if not any(f.endswith(".so") for f in os.listdir(build_dir)):
                 print(f"adamhd_dist: building the fused CPU kernel (first use only, about a minute) in {build_dir}",
                       file=sys.stderr, flush=True)
-            _module = cpp_extension.load(
-                name=name,
-                sources=[_SOURCE],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=_LDFLAGS,
-                verbose=bool(os.environ.get("ADAMHD_VERBOSE_BUILD")),
-            )
+            # Build with the ninja installed beside this interpreter (the pinned one) whatever PATH says: two
+            # ninja versions each take the other's build log as stale and would rebuild on every alternation.
+            path = os.environ.get("PATH", "")
+            os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
+            try:
+                _module = cpp_extension.load(
+                    name=name,
+                    sources=[_SOURCE],
+                    extra_cflags=_CFLAGS,
+                    extra_ldflags=_LDFLAGS,
+                    verbose=bool(os.environ.get("ADAMHD_VERBOSE_BUILD")),
+                )
+            finally:
+                os.environ["PATH"] = path
         except Exception as exc:  # compiler missing, build error, import error, ...
             _error = f"adamhd CPU kernel could not be built: {type(exc).__name__}: {exc}"
             raise RuntimeError(_error) from exc
