@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,mpi]"
 	@touch $(STAMP)
 
+# The embedded default through the deepspeed launcher: 2 CPU ranks (GPUs hidden), ZeRO-2 AdamHD, the nano model on
+# Python's own sources (no download). Each run writes a new folder under runs/ (RUN_DIR=... to choose it).
+RUN_DIR     ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
+MASTER_PORT ?= 29500
 run: install
-	$(BIN)/python -m adamhd_dist.demo
+	CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port $(MASTER_PORT) \
+		launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json --out-dir $(RUN_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,140 @@
+"""The checkpoint folder of a run: atomic commits, the newest complete checkpoint, pruning.
+
+    <run dir>/checkpoints/step200/       a complete checkpoint (engine files + trainer_state.json + rng_rank*.pt)
+    <run dir>/checkpoints/step300/
+    <run dir>/checkpoints/latest         "step300" (for DeepSpeed's tools and for people)
+    <run dir>/checkpoints/.partial-step400/   being written; never read
+
+Every rank writes its part into ``.partial-step<N>``; after a barrier, rank 0 renames the folder to ``step<N>``
+(one ``rename``, after the files reached the disk). A run killed while saving leaves a ``.partial-*`` folder that
+is ignored and removed at the next start, and every earlier checkpoint intact. The folder layout assumes that all
+ranks see the same file system (as DeepSpeed's own checkpoints do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
+           "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state"]
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_TAG = re.compile(r"^step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    """Folder name of the checkpoint taken after ``step`` optimizer steps."""
+    return f"step{step}"
+
+
+def partial_tag(step: int) -> str:
+    """Folder name of a checkpoint while it is being written."""
+    return f".partial-step{step}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(root: Path | str) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _TAG.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_STATE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(root: Path | str) -> Optional[tuple[int, Path]]:
+    """The newest complete checkpoint under ``root`` as ``(step, folder)``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def commit_checkpoint(root: Path | str, step: int) -> Path:
+    """Publish ``.partial-step<N>`` as ``step<N>`` (rank 0, after every rank finished writing) and point
+    ``latest`` at it. A previous ``step<N>`` (a run that resumed from an earlier step) is replaced."""
+    root = Path(root)
+    tmp, final = root / partial_tag(step), root / tag_for(step)
+    if not (tmp / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"checkpoint {str(tmp)!r} is incomplete: no {TRAINER_STATE}")
+    _fsync_tree(tmp)
+    if final.exists():
+        old = root / f".replaced-{tag_for(step)}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(tag_for(step) + "\n")
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    return final
+
+
+def prune_checkpoints(root: Path | str, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (``keep <= 0`` keeps all); the deleted folders."""
+    if keep <= 0:
+        return []
+    found = list_checkpoints(root)
+    gone = [p for _, p in found[:-keep]]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def remove_partials(root: Path | str) -> list[Path]:
+    """Delete the leftovers of interrupted saves (``.partial-*``, ``.replaced-*``) under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = [p for p in root.iterdir() if p.name.startswith((".partial-", ".replaced-"))]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def read_trainer_state(folder: Path | str) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint folder, with a clear error when it is not a checkpoint."""
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a complete checkpoint of this launcher (no {TRAINER_STATE})")
+    return json.loads(path.read_text())

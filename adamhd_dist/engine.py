@@ -1,0 +1,361 @@
+"""The one place that builds the training engine: DeepSpeed (ZeRO, from a config) or FSDP2 (``apply_fsdp``).
+
+    engine = build_engine(settings, model, ds_config=..., schedule=..., ramp=..., device=...)
+    engine.set_accum_steps(n)
+    for k in range(n):
+        loss = engine.micro_step(window, last=(k == n - 1))
+    grad_norm = engine.optimizer_step()
+
+Both engines present the same small interface to the training loop (:mod:`adamhd_dist.train`): micro-steps with
+gradient accumulation whose count may change from one optimizer step to the next (the batch-size ramp), one
+optimizer step (gradient clipping at the configured global norm, the LR schedule), evaluation, the per-layer δ,
+and checkpoint save/load into a folder.
+
+- DeepSpeed: :func:`adamhd_dist.deepspeed.initialize` builds AdamHD from the config's ``"optimizer"`` section
+  (other optimizer types go to DeepSpeed unchanged); the LR schedule is a ``LambdaLR`` handed to DeepSpeed, which
+  steps it after every applied optimizer step. The accumulation count of a step is set with
+  ``engine.set_train_batch_size`` (which rescales the loss by the new count) and the boundary with
+  ``engine.set_gradient_accumulation_boundary``, so a changing count never misaligns DeepSpeed's micro-step counter.
+- FSDP2: :func:`adamhd_dist.fsdp.apply_fsdp` shards each transformer block, then AdamHD over
+  :func:`adamhd_dist.param_groups` and :func:`adamhd_dist.recipe.lr_scheduler`; gradients are reduced only on the
+  last micro-batch of a step (``set_requires_gradient_sync``); checkpoints with ``torch.distributed.checkpoint``.
+
+:func:`deepspeed_config_for` turns a user's DeepSpeed config (GPU settings) into the one a run passes to DeepSpeed:
+batch numbers from the recipe, precision, clipping, LR, and the adaptations a CPU-only machine needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["deepspeed_config_for", "build_engine", "lm_loss", "DeepSpeedEngine", "FSDPEngine", "RECIPE_KEYS"]
+
+RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+"""DeepSpeed config keys the launcher sets from the recipe (the config's values are replaced)."""
+
+_CPU_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (logits of any precision)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+def _enabled(cfg: dict, key: str) -> bool:
+    sec = cfg.get(key)
+    return isinstance(sec, dict) and bool(sec.get("enabled", False))
+
+
+def config_dtype(cfg: dict) -> str:
+    """The precision a DeepSpeed config asks for: ``"bf16"``, ``"fp16"`` or ``"fp32"``."""
+    if _enabled(cfg, "bf16") or _enabled(cfg, "bfloat16"):
+        return "bf16"
+    if _enabled(cfg, "fp16"):
+        return "fp16"
+    return "fp32"
+
+
+def deepspeed_config_for(
+    source: dict,
+    *,
+    micro_batch: int,
+    grad_accum_steps: int,
+    world_size: int,
+    dtype: str,
+    grad_clip: float,
+    lr: float,
+    weight_decay: Optional[float],
+    on_gpu: bool,
+    num_params: Optional[int] = None,
+) -> tuple[dict, list[str]]:
+    """The config to pass to DeepSpeed for this run, and the notes to print about what was changed.
+
+    Sets ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size`` from the batch
+    plan (the full batch; the ramp changes the accumulation per step), ``bf16``/``fp16`` from ``dtype``,
+    ``gradient_clipping``, and the optimizer's ``lr`` (and ``weight_decay`` when given). On a CPU-only machine it
+    also drops ``pin_memory`` from offload sections and caps bucket sizes at the model size (a ZeRO bucket is
+    allocated in full on every rank). Raises ``ValueError`` for a config the launcher cannot run: a
+    ``"scheduler"`` section (the launcher runs the GPT-3 schedule itself), or no ``"optimizer"`` section.
+    """
+    cfg = copy.deepcopy(source)
+    notes: list[str] = []
+    if "scheduler" in cfg:
+        raise ValueError('config "scheduler": the launcher runs the GPT-3 LR schedule itself (--warmup-tokens, '
+                         '--decay-tokens, --lr); remove the "scheduler" section from the config')
+    opt = cfg.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ValueError('config "optimizer": missing; expected {"type": "AdamHD", "params": {...}} (or another '
+                         'DeepSpeed optimizer type)')
+    params = opt.setdefault("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f'config "optimizer.params" must be an object, got {type(params).__name__}')
+    old = {k: cfg.get(k) for k in RECIPE_KEYS}
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum_steps
+    cfg["train_batch_size"] = micro_batch * grad_accum_steps * world_size
+    changed = [f"{k} {old[k]} -> {cfg[k]}" for k in RECIPE_KEYS if old[k] is not None and old[k] != cfg[k]]
+    if changed:
+        notes.append("batch numbers from the recipe replace the config's: " + ", ".join(changed))
+    for key in ("bf16", "bfloat16", "fp16"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key]["enabled"] = False
+    if dtype == "bf16":
+        cfg.setdefault("bf16", {})["enabled"] = True
+    elif dtype == "fp16":
+        cfg.setdefault("fp16", {})["enabled"] = True
+    if cfg.get("gradient_clipping") != grad_clip:
+        cfg["gradient_clipping"] = grad_clip
+    if params.get("lr") is not None and params.get("lr") != lr:
+        notes.append(f"peak LR {lr:g} replaces the config's optimizer.params.lr {params['lr']:g} (--lr)")
+    params["lr"] = lr
+    if weight_decay is not None:
+        if params.get("weight_decay") is not None and params["weight_decay"] != weight_decay:
+            notes.append(f"weight decay {weight_decay:g} replaces the config's {params['weight_decay']:g}")
+        params["weight_decay"] = weight_decay
+    if not on_gpu:
+        zero = cfg.get("zero_optimization")
+        if isinstance(zero, dict):
+            for sec in ("offload_optimizer", "offload_param"):
+                off = zero.get(sec)
+                if isinstance(off, dict) and off.get("pin_memory"):
+                    off["pin_memory"] = False
+                    notes.append(f"CPU: zero_optimization.{sec}.pin_memory dropped (pinned memory needs a GPU)")
+            if num_params:
+                cap = max(int(num_params), 1_000_000)
+                capped = []
+                for key in _CPU_BUCKET_KEYS:
+                    value = zero.get(key)
+                    if isinstance(value, (int, float)) and value > cap:
+                        zero[key] = cap
+                        capped.append(f"{key} {int(value):,} -> {cap:,}")
+                if capped:
+                    notes.append("CPU: buckets capped at the model size (each is allocated on every rank): "
+                                 + ", ".join(capped))
+    return cfg, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# engines
+class _EngineBase:
+    kind = ""
+    model: torch.nn.Module
+    optimizer: Any
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.accum_steps = 1
+
+    def _to_device(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        window = window.to(self.device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+    def deltas(self) -> dict:
+        """{layer name: δ} of the AdamHD optimizer; {} for another optimizer."""
+        from .deltas import layer_deltas
+
+        target = self._delta_source()
+        if target is None:
+            return {}
+        try:
+            return layer_deltas(target)
+        except TypeError:
+            return {}
+
+    def _delta_source(self):
+        from .optimizer import AdamHD
+
+        return self.optimizer if isinstance(self.optimizer, AdamHD) else None
+
+
+class DeepSpeedEngine(_EngineBase):
+    """A DeepSpeed engine behind the launcher's interface (see the module docstring)."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model, ds_config: dict, *, lr_scheduler: Callable, weight_decay: float, device):
+        from . import deepspeed as ads
+        from .grouping import param_groups
+
+        super().__init__(device)
+        params = None if ads.is_adamhd_config(ds_config) else param_groups(model, weight_decay)
+        self.engine, self.optimizer, _, self.lr_scheduler = ads.initialize(
+            model=model, config=ds_config, model_parameters=params, lr_scheduler=lr_scheduler)
+        self.model = self.engine
+        self.world_size = self.engine.dp_world_size
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self._adamhd = ads.is_adamhd_config(ds_config)
+
+    def _delta_source(self):
+        return self.engine if self._adamhd else None
+
+    def set_accum_steps(self, n: int) -> None:
+        if n != self.engine.gradient_accumulation_steps():
+            self.engine.set_train_batch_size(n * self.micro_batch * self.world_size)
+            inner = self.engine.optimizer
+            if hasattr(inner, "gradient_accumulation_steps"):
+                inner.gradient_accumulation_steps = n
+        self.accum_steps = n
+
+    def micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
+        x, y = self._to_device(window)
+        self.engine.set_gradient_accumulation_boundary(last)
+        loss = lm_loss(self.engine(input_ids=x).logits, y)
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def optimizer_step(self) -> Optional[float]:
+        # DeepSpeed stepped inside the last micro_step (the accumulation boundary); report what it saw.
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    @torch.no_grad()
+    def eval_loss(self, window: torch.Tensor) -> torch.Tensor:
+        x, y = self._to_device(window)
+        return lm_loss(self.engine(input_ids=x).logits, y)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, root: Path, tag: str) -> None:
+        """Every rank: write the engine state into ``root/tag`` (DeepSpeed's own layout)."""
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+
+    def load(self, root: Path, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(Path(root) / tag)!r}")
+
+
+class FSDPEngine(_EngineBase):
+    """A model sharded with FSDP2 and trained with AdamHD, behind the launcher's interface."""
+
+    kind = "fsdp"
+
+    def __init__(self, model, *, optimizer_kwargs: dict, weight_decay: float, grad_clip: float, dtype: str,
+                 make_scheduler: Callable, device):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from .fsdp import apply_fsdp
+        from .grouping import param_groups
+        from .optimizer import AdamHD
+
+        super().__init__(device)
+        mp = None
+        if dtype in ("bf16", "fp16"):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
+                                      reduce_dtype=torch.float32)
+        self.model = apply_fsdp(model, mp_policy=mp)
+        self.optimizer = AdamHD(param_groups(self.model, weight_decay), **optimizer_kwargs)
+        self.lr_scheduler = make_scheduler(self.optimizer)
+        self.grad_clip = grad_clip
+        self._grad_norm: Optional[float] = None
+
+    def set_accum_steps(self, n: int) -> None:
+        self.accum_steps = n
+
+    def micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
+        x, y = self._to_device(window)
+        self.model.set_requires_gradient_sync(last)
+        loss = lm_loss(self.model(input_ids=x).logits, y)
+        (loss / self.accum_steps).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> Optional[float]:
+        norm = None
+        if self.grad_clip > 0:
+            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+            norm = float(total)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def eval_loss(self, window: torch.Tensor) -> torch.Tensor:
+        x, y = self._to_device(window)
+        return lm_loss(self.model(input_ids=x).logits, y)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, root: Path, tag: str) -> None:
+        """Every rank: model and optimizer state with torch.distributed.checkpoint (resharded on load), and the
+        LR scheduler's state from rank 0."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        folder = Path(root) / tag
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
+        if dist.get_rank() == 0:
+            torch.save(self.lr_scheduler.state_dict(), folder / "lr_scheduler.pt")
+        dist.barrier()
+
+    def load(self, root: Path, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        folder = Path(root) / tag
+        if not (folder / "dcp").is_dir():
+            raise FileNotFoundError(f"{str(folder)!r} holds no FSDP2 checkpoint (no dcp/ folder): was it written "
+                                    f"by a DeepSpeed run?")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.lr_scheduler.load_state_dict(torch.load(folder / "lr_scheduler.pt", weights_only=False))
+
+
+def build_engine(
+    kind: str,
+    model: torch.nn.Module,
+    *,
+    device: torch.device,
+    make_scheduler: Callable,
+    ds_config: Optional[dict] = None,
+    optimizer_kwargs: Optional[dict] = None,
+    weight_decay: float,
+    grad_clip: float,
+    dtype: str,
+):
+    """Build the engine of a run (the only place the launcher builds one).
+
+    Args:
+        kind: ``"deepspeed"`` (``ds_config`` required) or ``"fsdp"`` (``optimizer_kwargs`` for AdamHD).
+        model: the freshly built fp32 model, the same on every rank (same seed).
+        device: where batches go (``cuda:<local rank>`` or ``cpu``).
+        make_scheduler: ``optimizer -> LambdaLR`` (the recipe's schedule).
+        weight_decay: λ of the decayed group (matrices, embeddings); biases and norms are not decayed.
+        grad_clip: global gradient-norm clip (0 disables; FSDP2 only, DeepSpeed reads its config).
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (FSDP2's mixed precision; DeepSpeed reads its config).
+    """
+    if kind == "deepspeed":
+        if ds_config is None:
+            raise ValueError("ds_config: required for a DeepSpeed engine")
+        return DeepSpeedEngine(model, ds_config, lr_scheduler=make_scheduler, weight_decay=weight_decay,
+                               device=device)
+    if kind == "fsdp":
+        return FSDPEngine(model, optimizer_kwargs=optimizer_kwargs or {}, weight_decay=weight_decay,
+                          grad_clip=grad_clip, dtype=dtype, make_scheduler=make_scheduler, device=device)
+    raise ValueError(f"kind: unknown engine {kind!r} (allowed: deepspeed, fsdp)")

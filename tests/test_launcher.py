@@ -1,0 +1,377 @@
+"""launch/pretrain_gpt3.py end to end on CPU ranks: the three launch modes, resume, --from-manifest, bad input.
+
+Short named runs of the `nano` model on a 200k-character slice of the embedded corpus, prepared once per session.
+The DeepSpeed run below is the reference the other runs are compared with: a run stopped and resumed, a re-run
+from its manifest and the same job started by mpirun reproduce its loss curve bitwise (same settings, same world
+size, CPU); FSDP2 computes the same steps up to reduction order, and an FSDP2 run resumes bitwise too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import launch_runs as lr
+from dist_utils import ROOT
+
+sys.path.insert(0, str(ROOT / "launch"))
+import pretrain_gpt3  # noqa: E402
+
+from adamhd_dist import checkpoints as ck  # noqa: E402
+from adamhd_dist.train import LaunchContext, SettingsError, resolve_settings  # noqa: E402
+
+STEPS = 6
+DATA = ["--max-chars", "200000", "--vocab-size", "512", "--val-fraction", "0.05"]
+RUN = ["--model", "nano", "--max-steps", str(STEPS), "--seed", "3", "--global-batch-tokens", "1024",
+       "--micro-batch", "4", "--eval-interval", "3", "--eval-batches", "2", "--save-interval", "3"] + DATA
+ZERO2 = ["--deepspeed", "ds_configs/zero2_adamhd.json"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One token cache for every launch of this file (built here once; the runs only read it)."""
+    from adamhd_dist.data import prepare_data
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    prepare_data("embedded", vocab_size=512, max_chars=200_000, val_fraction=0.05, cache_dir=cache, progress=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def ds_run(tmp_path_factory, data_cache):
+    """The reference: DeepSpeed ZeRO-2 AdamHD, deepspeed launcher, 2 CPU ranks, 6 steps of 2 accumulation steps."""
+    out = tmp_path_factory.mktemp("ds") / "run"
+    launch = lr.run(lr.deepspeed_cmd(ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out])).check()
+    return out, launch
+
+
+def _common_outputs(out: Path, *, launcher: str):
+    records = lr.metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert lr.finite(r["loss"] for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(r["tokens"] == 1024 * r["step"] for r in records)
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [3, 6] and lr.finite(r["val_loss"] for r in vals)
+    assert all(r["delta_min"] <= r["delta_median"] <= r["delta_max"] for r in records)
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    deltas = [json.loads(x) for x in (out / "deltas.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in deltas] == [3, 6] and "transformer.h.0.attn.c_attn.weight" in deltas[0]["deltas"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert [s for s, _ in ck.list_checkpoints(out / "checkpoints")] == [3, 6]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["seed"] == 3 and m["launcher"] == launcher
+    assert m["settings"]["model"] == "nano" and m["settings"]["max_steps"] == STEPS
+    assert re.fullmatch(r"[0-9a-f]{64}", m["data"]["data_hash"])
+    assert re.fullmatch(r"[0-9a-f]{64}", m["data"]["tokenizer_hash"])
+    assert "commit" in m["git"] and m["packages"]["torch"] and m["packages"]["deepspeed"]
+    assert m["hardware"]["cpus_available"] >= 1
+    return records, m
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_end_to_end(ds_run):
+    out, launch = ds_run
+    records, m = _common_outputs(out, launcher="deepspeed")
+    assert all(r["accum_steps"] == 2 for r in records)
+    cfg = m["deepspeed_config"]
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) \
+        == (4, 2, 16)
+    assert cfg["bf16"]["enabled"] is False and m["settings"]["dtype"] == "fp32"
+    assert m["deepspeed_config_source"]["bf16"]["enabled"] is True
+    text = launch.output
+    for printed in ("global batch 1,024 tokens = 16 sequences x 64 tokens = micro-batch 4 x 2 rank(s) x 2",
+                    "tokens per step 1,024; micro-batch 4; gradient accumulation 2; world size 2",
+                    "decayed (matrices, embeddings):", "the config asks for bf16; training in fp32",
+                    "engine: DeepSpeed ZeRO-2", "MFU: CPU estimate", "train loss"):
+        assert printed in text, printed
+    assert text.count("engine: DeepSpeed ZeRO-2") == 1, "rank 0 alone prints the run summary"
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_does_nothing(ds_run, data_cache, capsys, monkeypatch):
+    out, _ = ds_run
+    monkeypatch.chdir(ROOT)
+    before = (out / "metrics.jsonl").read_text()
+    # one process instead of two: the derived schedule does not depend on the world size, so it is the same job
+    rc = pretrain_gpt3.main([str(a) for a in ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out]])
+    assert rc == 0 and "is complete" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted(ds_run, tmp_path, data_cache):
+    ref, _ = ds_run
+    out = tmp_path / "resumed"
+    args = ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out]
+    first = lr.run(lr.deepspeed_cmd(args + ["--exit-after-steps", "4"])).check()
+    assert "stopped after 4 steps" in first.output
+    assert [s for s, _ in ck.list_checkpoints(out / "checkpoints")] == [3, 4]
+    assert [r["step"] for r in lr.metrics(out)] == [1, 2, 3, 4]
+    second = lr.run(lr.deepspeed_cmd(args)).check()  # the same command: --resume auto is the default
+    assert "resuming from" in second.output and "step 4" in second.output
+    assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))  # bitwise: loss, lr, grad norm, δ, val loss
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["step"] for r in manifest["resumes"]] == [4]
+
+
+@pytest.mark.slow
+def test_from_manifest_reproduces_the_loss_curve(ds_run, tmp_path):
+    ref, _ = ds_run
+    out = tmp_path / "rerun"
+    launch = lr.run(lr.deepspeed_cmd(["--from-manifest", ref / "manifest.json", "--out-dir", out])).check()
+    assert "the job of" in launch.output
+    assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (ref, out))
+    assert a["settings"] | {"out_dir": None} == b["settings"] | {"out_dir": None}
+    assert a["data"]["data_hash"] == b["data"]["data_hash"] and a["deepspeed_config"] == b["deepspeed_config"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, data_cache):
+    """The same job with FSDP2 under torchrun, 2 CPU ranks."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    launch = lr.run(lr.torchrun_cmd(["--fsdp"] + RUN + ["--data-cache", data_cache, "--out-dir", out])).check()
+    return out, launch
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_end_to_end(ds_run, fsdp_run):
+    ref, _ = ds_run
+    out, launch = fsdp_run
+    records, m = _common_outputs(out, launcher="torchrun")
+    assert m["settings"]["launch"] == "fsdp" and m["deepspeed_config"] is None
+    assert "engine: FSDP2" in launch.output
+    assert (out / "checkpoints" / "step6" / "dcp" / ".metadata").is_file()
+    # the same optimizer steps as ZeRO-2, up to reduction order
+    for a, b in zip(records, lr.metrics(ref)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["delta_median"] == pytest.approx(b["delta_median"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_equals_uninterrupted(fsdp_run, tmp_path, data_cache):
+    ref, _ = fsdp_run
+    out = tmp_path / "fsdp-resumed"
+    args = ["--fsdp"] + RUN + ["--data-cache", data_cache, "--out-dir", out]
+    lr.run(lr.torchrun_cmd(args + ["--exit-after-steps", "2"])).check()
+    assert [r["step"] for r in lr.metrics(out)] == [1, 2]
+    assert (out / "checkpoints" / "step2" / "dcp" / ".metadata").is_file()
+    lr.run(lr.torchrun_cmd(args)).check()
+    assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not lr.mpirun_available(), reason="needs mpirun and mpi4py (the mpi extra)")
+def test_mpirun_end_to_end(ds_run, tmp_path, data_cache):
+    ref, _ = ds_run
+    out = tmp_path / "mpi"
+    cmd = lr.mpirun_cmd(ZERO2 + RUN + ["--data-cache", str(data_cache), "--out-dir", str(out)])
+    launch = lr.run(cmd, env=lr.mpirun_env(tmp_path / "bin"), timeout=300).check()
+    _common_outputs(out, launcher="mpirun")
+    assert "started by mpirun" in launch.output
+    assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))  # the same job at the same world size
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_cache):
+    out = tmp_path / "sig"
+    args = ["--fsdp", "--model", "nano", "--max-steps", "5000", "--save-interval", "5000", "--log-interval", "1",
+            "--eval-batches", "1", "--no-tensorboard", "--data-cache", str(data_cache), "--out-dir", str(out)] + DATA
+    proc, log = lr.start([sys.executable, lr.SCRIPT] + args)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len(lr.metrics(out)) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            lr.stop_group(proc)
+    text = log.read_text()
+    log.unlink(missing_ok=True)
+    assert rc == 128 + signal.SIGTERM, text
+    step, folder = ck.latest_checkpoint(out / "checkpoints")
+    assert 3 <= step < 5000 and "interrupted after step" in text
+    assert ck.read_trainer_state(folder)["step"] == step
+    assert not list((out / "checkpoints").glob(".partial-*"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input: a clear message and exit status 2 before any work (nothing written, no process group)
+def _main(argv, capsys):
+    rc = pretrain_gpt3.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (ZERO2 + ["--model", "gpt3-huge"], "--model: unknown model 'gpt3-huge' (allowed: gpt3-small"),
+    (ZERO2 + ["--global-batch-tokens", "1000"], "--global-batch-tokens (1,000) must be a multiple of --seq-len (64)"),
+    (ZERO2 + ["--micro-batch", "3"], "micro_batch (3) must divide the 8 sequences per rank"),
+    (["--deepspeed", "ds_configs/no_such.json"], "DeepSpeed config file not found: 'ds_configs/no_such.json'"),
+    (ZERO2 + ["--data", "./no/such/corpus.jsonl"], "--data './no/such/corpus.jsonl': no such file or folder"),
+    (ZERO2 + ["--dtype", "fp16"], "--dtype fp16, but this machine has no GPU"),
+    (["--fsdp", "--dtype", "fp16"], "--dtype fp16, but this machine has no GPU"),
+    (ZERO2 + ["--fsdp"], "--deepspeed and --fsdp are two engines"),
+    ([], "choose the engine: --deepspeed CONFIG"),
+    (ZERO2 + ["--warmup-tokens", "4k", "--decay-tokens", "1k"], "--decay-tokens (1,000) must be >= --warmup-tokens"),
+    (ZERO2 + ["--resume", "no/such/checkpoint"], "is not a complete checkpoint of this launcher"),
+])
+def test_bad_input_fails_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rc, err = _main(args + ["--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_and_fp16_configs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 8,\n')
+    rc, err = _main(["--deepspeed", bad, "--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and "is not valid JSON" in err and "line 2" in err
+    fp16 = tmp_path / "fp16.json"
+    cfg = json.loads((ROOT / "ds_configs" / "zero2_adamhd.json").read_text())
+    cfg.pop("bf16")
+    cfg["fp16"] = {"enabled": True}
+    fp16.write_text(json.dumps(cfg))
+    rc, err = _main(["--deepspeed", fp16, "--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and "the DeepSpeed config enables fp16, but this machine has no GPU" in err
+    cfg["fp16"]["enabled"] = False
+    cfg["optimizer"]["params"]["delta_mode"] = "median"
+    fp16.write_text(json.dumps(cfg))
+    rc, err = _main(["--deepspeed", fp16, "--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and "delta_mode" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_small_data_is_reported_before_training(data_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ZERO2 + DATA + ["--model", "nano", "--seq-len", "8192", "--global-batch-tokens", "8192",
+                           "--data-cache", data_cache, "--out-dir", tmp_path / "run"]
+    rc, err = _main(args, capsys)
+    assert rc == 2 and "the validation split has" in err and "fewer than one per rank" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_of_another_job_is_refused(ds_run, data_cache, capsys, monkeypatch):
+    out, _ = ds_run
+    monkeypatch.chdir(ROOT)
+    rc, err = _main(ZERO2 + RUN + ["--lr", "1e-3", "--max-steps", "12", "--data-cache", data_cache, "--out-dir", out],
+                    capsys)
+    assert rc == 2 and "belongs to another job" in err and "--lr 0.003 -> 0.001" in err
+
+
+@pytest.mark.slow
+def test_from_manifest_refuses_options_that_change_the_job(ds_run, capsys, monkeypatch):
+    out, _ = ds_run
+    monkeypatch.chdir(ROOT)
+    rc, err = _main(["--from-manifest", out / "manifest.json", "--model", "tiny", "--seed", "4"], capsys)
+    assert rc == 2 and "would change it: --model, --seed" in err
+
+
+@pytest.mark.slow
+def test_bad_input_under_the_deepspeed_launcher(tmp_path):
+    launch = lr.run(lr.deepspeed_cmd(ZERO2 + ["--model", "gpt3-huge", "--out-dir", tmp_path / "run"]), timeout=120)
+    assert launch.returncode != 0
+    assert launch.output.count("pretrain_gpt3.py: error: --model: unknown model 'gpt3-huge'") == 1
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# settings: derived numbers, the GPT-3 schedule, CPU adaptations (no launch)
+def _ctx(world=1, gpu=False):
+    return LaunchContext(rank=0, world_size=world, local_rank=0, local_world_size=world, launcher="deepspeed",
+                         on_gpu=gpu)
+
+
+def test_gpt3_small_recipe_on_eight_gpus():
+    run = resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_adamhd.json")}, _ctx(8, gpu=True))
+    s = run.settings
+    assert (s.model, s.seq_len, s.global_batch_tokens, s.lr) == ("gpt3-small", 2048, 524_288, 6e-4)
+    assert (run.plan.micro_batch, run.plan.grad_accum_steps) == (8, 4)
+    assert (s.warmup_tokens, s.decay_tokens, s.ramp_tokens, s.ramp_start_tokens) == (
+        375_000_000, 260_000_000_000, 4_000_000_000, 32_768)
+    assert run.derived["nominal_run_tokens"] >= 300_000_000_000 > run.derived["nominal_run_tokens"] - 524_288
+    assert run.ramp.tokens_at_step(s.max_steps) == pytest.approx(300e9, rel=5e-3)  # micro-steps of 131k tokens
+    assert s.dtype == "bf16" and run.ds_config["bf16"]["enabled"] is True
+    assert run.ds_config["train_batch_size"] == 256 and run.ds_config["gradient_accumulation_steps"] == 4
+    assert run.ds_config["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # GPU: left as configured
+
+
+def test_short_run_schedule_is_scaled_and_reported():
+    run = resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_adamhd.json"), "model": "gpt3-small",
+                            "max_steps": 1000}, _ctx(8, gpu=True))
+    s, src = run.settings, run.derived["schedule_sources"]
+    total = run.derived["nominal_run_tokens"]
+    assert run.ramp.tokens_at_step(1000) == pytest.approx(total, rel=1e-2)  # the real ramp moves in micro-steps
+    assert s.decay_tokens == total and "the run's length" in src["decay_tokens"]
+    assert s.warmup_tokens == round(total * 0.05) and "5%" in src["warmup_tokens"]
+    assert s.ramp_tokens == round(1000 * 524_288 * 4 / 260) and "scaled" in src["ramp_tokens"]
+    assert run.ramp.accum_steps_at(0) == 1 and run.ramp.accum_steps_at(s.ramp_tokens) == 4
+
+
+def test_cpu_adaptations_of_gpu_configs():
+    run = resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_offload_adamhd.json")}, _ctx(2))
+    notes = " | ".join(run.notes)
+    assert run.settings.dtype == "fp32" and "training in fp32" in notes
+    assert run.ds_config["zero_optimization"]["offload_optimizer"]["pin_memory"] is False and "pin_memory" in notes
+    assert run.ds_config["zero_optimization"]["reduce_bucket_size"] < 500_000_000 and "capped" in notes
+    assert run.settings.micro_batch == 4 and "does not divide" in notes
+    kept = resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_adamhd.json"), "dtype": "bf16"},
+                            _ctx(2))
+    assert kept.settings.dtype == "bf16" and kept.ds_config["bf16"]["enabled"] is True
+
+
+def test_config_with_a_scheduler_is_refused(tmp_path):
+    cfg = json.loads((ROOT / "ds_configs" / "zero2_adamhd.json").read_text())
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {}}
+    path = tmp_path / "sched.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(SettingsError, match='"scheduler": the launcher runs the GPT-3 LR schedule itself'):
+        resolve_settings({"deepspeed_config": str(path)}, _ctx(2))
+
+
+def test_world_size_must_divide_the_batch():
+    with pytest.raises(SettingsError, match=r"world size \(3 ranks\) must divide the global batch of 8 sequences"):
+        resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_adamhd.json")}, _ctx(3))
+
+
+def test_token_counts_accept_suffixes():
+    assert [pretrain_gpt3.count(x) for x in ("4096", "375M", "4B", "32k", "2.6e11", "1_000")] == [
+        4096, 375_000_000, 4_000_000_000, 32_000, 260_000_000_000, 1000]
+    with pytest.raises(Exception, match="not a count"):
+        pretrain_gpt3.count("lots")
+
+
+def test_checkpoint_folder_ignores_partial_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        (root / ck.partial_tag(step)).mkdir(parents=True)
+        ck.write_json_atomic({"step": step}, root / ck.partial_tag(step) / ck.TRAINER_STATE)
+        ck.commit_checkpoint(root, step)
+    (root / ck.partial_tag(9)).mkdir()  # a save killed half-way: never read
+    (root / ck.partial_tag(9) / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert ck.latest_checkpoint(root) == (6, root / "step6")
+    assert (root / "latest").read_text().strip() == "step6"
+    assert ck.remove_partials(root) == [root / ck.partial_tag(9)] and not (root / ck.partial_tag(9)).exists()
+    assert ck.prune_checkpoints(root, keep=1) == [root / "step3"] and ck.list_checkpoints(root) == [(6, root / "step6")]
+
+
+def test_make_run_uses_the_deepspeed_launcher_on_two_cpu_ranks():
+    text = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^run: install\n((?:\t.*\n)+)", text, re.M).group(1)
+    assert "deepspeed --num_gpus 2" in recipe and "launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json" \
+        in recipe.replace("\\\n\t\t", "")
+    assert "CUDA_VISIBLE_DEVICES=" in recipe
