@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from .fsutil import atomic_write, fsync_dir, fsync_tree
+
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state"]
 
@@ -38,34 +40,14 @@ def partial_tag(step: int) -> str:
     return f".partial-step{step}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def write_json_atomic(obj: Any, path: Path) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+
+    def write(f):
         json.dump(obj, f, indent=1)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def list_checkpoints(root: Path | str) -> list[tuple[int, Path]]:
@@ -94,7 +76,7 @@ def commit_checkpoint(root: Path | str, step: int) -> Path:
     tmp, final = root / partial_tag(step), root / tag_for(step)
     if not (tmp / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"checkpoint {str(tmp)!r} is incomplete: no {TRAINER_STATE}")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         old = root / f".replaced-{tag_for(step)}"
         shutil.rmtree(old, ignore_errors=True)
@@ -106,7 +88,7 @@ def commit_checkpoint(root: Path | str, step: int) -> Path:
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(tag_for(step) + "\n")
     os.replace(latest_tmp, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 

@@ -763,7 +763,6 @@ def summarize(cfg: CompareConfig, results: list[dict]) -> dict:
                     row[f"speedup_{unit}"] = speedup(rcurve, ccurve, target)
                 rows.append(row)
             out["speedup"][arm][cand] = rows
-    base_ref = _by(results, "baseline", ref)
     for opt in cfg.optimizers:
         runs = _by(results, "baseline", opt)
         rows = [runs[s]["pruning"] for s in sorted(runs) if runs[s].get("pruning")]
@@ -1356,11 +1355,11 @@ def write_report(cfg: CompareConfig, results: list[dict], summary: dict, meta: d
     L.append(f"- Pruning: a sparsity is tolerated while perplexity stays within {cfg.prune_tolerance:.0%} of the "
              f"unpruned model; the paper's 20-30% claim counts as reproduced when the candidate tolerates at least "
              f"{PAPER_CLAIMS['prune_sparsity']:.0%} and more than the reference.")
-    L.append(f"- Perplexity: the paper's 'up to 4 points lower' counts as reproduced in direction when the "
-             f"candidate's final loss is lower beyond the threshold above.")
+    L.append("- Perplexity: the paper's 'up to 4 points lower' counts as reproduced in direction when the "
+             "candidate's final loss is lower beyond the threshold above.")
     L.append("")
-    L.append(f"Raw numbers: `results.json`; each run's directory under `runs/` has its `metrics.jsonl`, "
-             f"`deltas.jsonl`, `manifest.json`, `launcher.log` and final checkpoint.")
+    L.append("Raw numbers: `results.json`; each run's directory under `runs/` has its `metrics.jsonl`, "
+             "`deltas.jsonl`, `manifest.json`, `launcher.log` and final checkpoint.")
     text = "\n".join(L) + "\n"
     (out / "report.md").write_text(text)
     slim = [{k: v for k, v in r.items() if k not in ("train",)} for r in results]

@@ -58,6 +58,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .fsutil import fsync_dir, fsync_tree
+
 __all__ = [
     "EMBEDDED",
     "LOCAL_BPE",
@@ -336,19 +338,9 @@ def _read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text())
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     """Make ``tmp`` visible as ``final`` in one rename, after its files reached the disk."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, final)
@@ -356,11 +348,7 @@ def _publish(tmp: Path, final: Path) -> None:
         if not _complete(final):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another process published the same content first
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 def _text_batches(ds, max_chars: int, batch_size: int = 1000) -> Iterator[list[str]]:

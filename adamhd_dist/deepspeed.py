@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .deltas import layer_deltas, register_layer_deltas
+from .fsutil import atomic_write
 from .grouping import param_groups as default_param_groups
 from .layout import FlatLayout, Fragment
 from .optimizer import AdamHD
@@ -347,18 +347,7 @@ def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq"
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _side_info(engine, opt: AdamHD) -> dict:

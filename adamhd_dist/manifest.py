@@ -28,10 +28,11 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from .fsutil import atomic_write
 
 __all__ = [
     "MANIFEST_FILE",
@@ -195,21 +196,12 @@ def write_manifest(manifest: dict[str, Any], run_dir: Path | str) -> Path:
     """Write ``manifest`` to ``run_dir/manifest.json`` atomically (a complete file or the previous one)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / MANIFEST_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    def write(f):
+        json.dump(manifest, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+
+    return atomic_write(run_dir / MANIFEST_FILE, write)
 
 
 def read_manifest(path: Path | str) -> dict[str, Any]:

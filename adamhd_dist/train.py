@@ -1043,7 +1043,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
     first_loss = None
     t_last, tokens_last = time.perf_counter(), tokens
     t_start, t_print, tokens_print = t_last, t_last, tokens
-    exit_code, step, last_saved = 0, start_step, start_step if resume_from else -1
+    exit_code, step = 0, start_step
     engine.train(True)
     with _Stop() as stopper:
         while step < s.max_steps:
@@ -1105,7 +1105,6 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
             stopping = signalled or (stop_after is not None and step >= stop_after and not is_last)
             if is_last or stopping or step % s.save_interval == 0:
                 folder = save(step)
-                last_saved = step
                 if ctx.is_main and (stopping or is_last):
                     _say(ctx, f"checkpoint: {folder}")
             if stopping:

@@ -200,7 +200,7 @@ def main() -> None:
         "peak_bytes": mem, "peak_memory_ratio": mem["adamhd"] / mem["adamw"],
         "optimizer_state_bytes_rank0": state, "seconds": time.time() - t0,
     }
-    print(f"\n| measure | ZeRO-2 AdamHD | ZeRO-2 AdamW | AdamHD / AdamW |\n|---|---:|---:|---:|")
+    print("\n| measure | ZeRO-2 AdamHD | ZeRO-2 AdamW | AdamHD / AdamW |\n|---|---:|---:|---:|")
     print(f"| tokens/s ({args.world} ranks, median of {args.rounds} rounds) | {thr['adamhd']:.0f} | "
           f"{thr['adamw']:.0f} | {result['tokens_per_s_ratio']:.3f} |")
     print(f"| peak memory, largest rank (MiB) | {mem['adamhd'] / 2**20:.1f} | {mem['adamw'] / 2**20:.1f} | "

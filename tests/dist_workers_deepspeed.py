@@ -8,7 +8,6 @@ layer, and two param groups (decayed matrices; undecayed biases and norms).
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch

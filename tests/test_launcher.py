@@ -169,8 +169,9 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_run, tmp_path, data_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not lr.mpirun_available(), reason="needs mpirun and mpi4py (the mpi extra)")
 def test_mpirun_end_to_end(ds_run, tmp_path, data_cache):
+    if not lr.mpirun_available():
+        pytest.fail("mpirun and mpi4py are missing: install the project's [mpi] extra (make install does)")
     ref, _ = ds_run
     out = tmp_path / "mpi"
     cmd = lr.mpirun_cmd(ZERO2 + RUN + ["--data-cache", str(data_cache), "--out-dir", str(out)])
