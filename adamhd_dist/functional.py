@@ -25,6 +25,7 @@ number of such elements (a 0-d int64 tensor on the tensors' device) so the calle
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
 from typing import Sequence
@@ -280,10 +281,18 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
     return skipped
 
 
+_DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
+
+
 def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
+    """{(device, dtypes of p, g, m, v): indices}; None when every tensor is of one kind (the usual case)."""
+    keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, grads), map(_DTYPE, exp_avgs),
+                    map(_DTYPE, exp_avg_sqs)))
+    if len(set(keys)) == 1:
+        return None
     groups: dict[tuple, list[int]] = {}
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        groups.setdefault((p.device, p.dtype, g.dtype, m.dtype, v.dtype), []).append(i)
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
     return groups
 
 
@@ -293,8 +302,12 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
     step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     device = params[0].device
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    for (dev, *_), idx in _group_by_kind(params, grads, exp_avgs, exp_avg_sqs).items():
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+    groups = _group_by_kind(params, grads, exp_avgs, exp_avg_sqs)
+    if groups is None:  # one kind: no per-group sub-lists
+        groups = {(device,): range(len(params))}
+    for (dev, *_), idx in groups.items():
+        whole = len(idx) == len(params)
+        pick = (lambda xs: list(xs)) if whole else (lambda xs: [xs[i] for i in idx])  # noqa: E731
         # The kernels write through raw pointers (no autograd), so no detach() per tensor is needed.
         p, g, m, v = (pick(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
         if dev.type == "cuda" or FUSED_CPU_BACKEND == "triton":
@@ -310,7 +323,9 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
                 return host.to(dev, non_blocking=True)
 
             if isinstance(deltas, Tensor):
-                d = deltas.detach()[torch.tensor(idx, device=deltas.device)].to(dev, torch.float32)
+                d = deltas.detach() if len(idx) == len(params) else deltas.detach()[
+                    torch.tensor(idx, device=deltas.device)]
+                d = d.to(dev, torch.float32)
             elif deltas is not None:
                 d = to_dev([float(deltas[i]) for i in idx])
             else:
@@ -318,27 +333,32 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             counter = torch.zeros(1, dtype=torch.int64, device=dev)
             gs = grad_scale if (grad_scale is None or isinstance(grad_scale, Tensor)) else torch.tensor(
                 float(grad_scale), device=dev)
+            # the kernel emits next step's Σ|θ| as it stores θ (no second pass over the parameters)
+            sums = None if abs_sums_out is None else torch.empty(len(idx), dtype=torch.float32, device=dev)
             triton_adamhd.fused_adamhd_triton_(
                 p, g, m, v, step_sizes=to_dev(pick(step_sizes)), bc2_sqrts=to_dev(pick(bc2_sqrts)), deltas=d,
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                grad_scale=gs, nonfinite=counter)
+                grad_scale=gs, nonfinite=counter, abs_sums=sums)
             skipped = skipped + counter[0].to(device)
-            if abs_sums_out is not None:
-                from .stats import layer_abs_sums
-
-                sums = layer_abs_sums(p)  # a second (one-launch) pass on the GPU
-                abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)
+            if sums is not None:
+                if len(idx) == len(params):
+                    abs_sums_out.copy_(sums)
+                else:
+                    abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)
         elif dev.type == "cpu":
             from .kernels import cpu
 
             d = None if deltas is None else pick(_delta_list(deltas, len(params)))
-            sums = None if abs_sums_out is None else torch.empty(len(idx), dtype=torch.float64)
+            direct = whole and abs_sums_out is not None and abs_sums_out.device.type == "cpu" \
+                and abs_sums_out.dtype == torch.float64 and abs_sums_out.is_contiguous()
+            sums = None if abs_sums_out is None else (
+                abs_sums_out if direct else torch.empty(len(idx), dtype=torch.float64))
             n_bad = cpu.fused_adamhd_cpu_(
                 p, g, m, v, step_sizes=pick(step_sizes), bc2_sqrts=pick(bc2_sqrts), deltas=d,
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
                 grad_scale=_grad_scale_value(grad_scale), abs_sums_out=sums)
             skipped = skipped + int(n_bad)
-            if sums is not None:
+            if sums is not None and not direct:
                 abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)
         else:
             raise RuntimeError(f"fused=True is not supported on device {dev}: use foreach=True")

@@ -275,21 +275,24 @@ class AdamHD(Optimizer):
             for i, g in enumerate(stat_groups):
                 settings.setdefault((g["delta_mode"], float(g["delta_scale"]), float(g["delta_beta"])), []).append(i)
             for (mode, scale, beta), idx in settings.items():
-                sel = torch.tensor(idx, device=sums.device)
-                ps = [stat_params[i] for i in idx]
+                # the usual case, one setting for every layer, needs no gather (an index tensor would be a
+                # host-to-device copy, which waits for the GPU)
+                whole = len(settings) == 1
+                ps = stat_params if whole else [stat_params[i] for i in idx]
                 has_mu = [("delta_ema" in self.state[p]) for p in ps] if mode == "ema" else None
                 mus = None
                 if mode == "ema" and any(has_mu):
                     mus = torch.stack([
                         self.state[p]["delta_ema"].to(sums.device) if h else torch.zeros((), device=sums.device)
                         for p, h in zip(ps, has_mu)])
-                d, new_mu = update_deltas(sums[sel], [numels[i] for i in idx], mus, has_mu,
+                d, new_mu = update_deltas(sums if whole else sums[torch.tensor(idx, device=sums.device)],
+                                          numels if whole else [numels[i] for i in idx], mus, has_mu,
                                           mode=mode, scale=scale, beta=beta)
                 if new_mu is not None:
                     old = [j for j, h in enumerate(has_mu) if h]
                     if old:  # one foreach copy instead of a copy per layer
-                        torch._foreach_copy_([self.state[ps[j]]["delta_ema"] for j in old],
-                                             list(new_mu[torch.tensor(old, device=new_mu.device)].unbind(0)))
+                        src = new_mu if len(old) == len(ps) else new_mu[torch.tensor(old, device=new_mu.device)]
+                        torch._foreach_copy_([self.state[ps[j]]["delta_ema"] for j in old], list(src.unbind(0)))
                     for j, h in enumerate(has_mu):
                         if not h:
                             self.state[ps[j]]["delta_ema"] = new_mu[j].to(ps[j].device).clone()
@@ -314,6 +317,8 @@ class AdamHD(Optimizer):
         if not cached:
             return layer_abs_sums(locals_)
         device = locals_[0].device
+        if not missing:  # the steady state: every sum comes from the last update
+            return torch.stack([cached[i] for i in range(len(params))]).to(device)
         out = torch.empty(len(params), dtype=torch.float64, device=device)
         idx = list(cached)
         out[torch.tensor(idx, device=device)] = torch.stack([cached[i] for i in idx]).to(device)

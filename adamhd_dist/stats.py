@@ -61,6 +61,21 @@ def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
     return out
 
 
+_NUMEL_CACHE: dict[tuple, Tensor] = {}
+
+
+def _numel_tensor(numels: tuple[int, ...], device: torch.device) -> Tensor:
+    """The layers' numels as an fp64 tensor on ``device``, kept between steps (a fresh one would be a
+    host-to-device copy every step, which waits for the GPU)."""
+    key = (numels, device)
+    t = _NUMEL_CACHE.get(key)
+    if t is None:
+        if len(_NUMEL_CACHE) >= 16:
+            _NUMEL_CACHE.pop(next(iter(_NUMEL_CACHE)))
+        t = _NUMEL_CACHE[key] = torch.tensor(numels, dtype=torch.float64).to(device)
+    return t
+
+
 def update_deltas(
     sums: Tensor,
     numels: Tensor | Sequence[int],
@@ -86,7 +101,7 @@ def update_deltas(
     n = sums.numel()
     if mode == "constant":
         return torch.full((n,), float(delta), dtype=torch.float32, device=device), None
-    numels_t = torch.as_tensor(numels, dtype=torch.float64, device=device)
+    numels_t = numels.to(device, torch.float64) if isinstance(numels, Tensor) else _numel_tensor(tuple(numels), device)
     s = sums.to(torch.float64) / numels_t.clamp_min(1.0)
     if mode == "mean_abs":
         return (scale * s).to(torch.float32), None
@@ -94,6 +109,8 @@ def update_deltas(
         raise ValueError(f"delta_mode must be one of {DELTA_MODES}, got {mode!r}")
     if mus is None or has_mu is None:
         new_mu = s
+    elif not isinstance(has_mu, Tensor) and all(has_mu):  # no mask to build (a host-to-device copy)
+        new_mu = beta * mus.to(device, torch.float64) + (1.0 - beta) * s
     else:
         has = torch.as_tensor(has_mu, dtype=torch.bool, device=device)
         prev = mus.to(device, torch.float64)

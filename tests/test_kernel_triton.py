@@ -353,6 +353,39 @@ def test_nonfinite_grads_untouched_and_counted(K, count_dtype):
         assert (ps[i][~bm] != p0[i][~bm]).all()
 
 
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16])
+def test_update_emits_next_statistic(K, pdt):
+    """abs_sums: Σ|θ| of the STORED updated tensors from the same pass, equal to a separate read of them (the
+    same per-chunk fp32 order as layer_abs_sums_triton: bitwise under the interpreter, which adds in order), also
+    with non-finite grads (those elements keep their old θ) and with full, masked and empty chunks."""
+    sizes = [1, 7, 4096, 4099, 0, 2 * 4096 + 5]
+    ps, gs, ms, vs = make(sizes, pdt=pdt, seed=12)
+    gs[3][[0, 4098]] = torch.tensor([float("nan"), float("inf")]).to(gs[3].dtype)
+    ss, bc = scalars(3, len(sizes))
+    sums = torch.full((len(sizes),), 123.0)  # overwritten, not added to
+    K.fused_adamhd_triton_(ps, gs, ms, vs, step_sizes=ss, bc2_sqrts=bc, deltas=torch.full((len(sizes),), 0.05),
+                           lr=LR, beta1=B1, beta2=B2, eps=EPS, weight_decay=0.2, decay="prox", abs_sums=sums)
+    assert torch.equal(sums, K.layer_abs_sums_triton(ps))
+    want = torch.stack([p.double().abs().sum() for p in ps])
+    torch.testing.assert_close(sums.double(), want, rtol=1e-6, atol=0)
+    assert sums[4].item() == 0.0
+
+
+def test_update_statistic_mixed_dtypes(K):
+    a = make([7, 4099], seed=13)
+    b = make([33, 1000], pdt=torch.bfloat16, seed=14)
+    ps, gs, ms, vs = ([a[k][0], b[k][0], a[k][1], b[k][1]] for k in range(4))
+    ss, bc = scalars(1, 4)
+    sums = torch.empty(4)
+    K.fused_adamhd_triton_(ps, gs, ms, vs, step_sizes=ss, bc2_sqrts=bc, deltas=torch.full((4,), 0.5), lr=LR,
+                           beta1=B1, beta2=B2, eps=EPS, weight_decay=0.1, decay="clip", abs_sums=sums)
+    assert torch.equal(sums, K.layer_abs_sums_triton(ps))
+    with pytest.raises(ValueError, match="abs_sums"):
+        K.fused_adamhd_triton_(ps, gs, ms, vs, step_sizes=ss, bc2_sqrts=bc, deltas=torch.full((4,), 0.5), lr=LR,
+                               beta1=B1, beta2=B2, eps=EPS, weight_decay=0.1, decay="clip",
+                               abs_sums=torch.empty(3))
+
+
 def test_validation(K):
     ps, gs, ms, vs = make([7, 33])
     kw = dict(step_sizes=torch.ones(2), bc2_sqrts=torch.ones(2), deltas=None, lr=LR, beta1=B1, beta2=B2, eps=EPS,

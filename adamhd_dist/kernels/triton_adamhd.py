@@ -87,7 +87,8 @@ if _HAS_TRITON:
         P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
         DECAY: tl.constexpr, HAS_SCALE: tl.constexpr,
     ):
-        """One BLOCK of the update; returns the number of non-finite grads in it (int32)."""
+        """One BLOCK of the update; returns (number of non-finite grads in it (int32), |θ| of the STORED new
+        values as an fp32 vector of BLOCK lanes, 0 in masked lanes)."""
         p_raw = tl.load(p_ptr + offs, mask=mask)
         m_raw = tl.load(m_ptr + offs, mask=mask)
         v_raw = tl.load(v_ptr + offs, mask=mask)
@@ -109,14 +110,17 @@ if _HAS_TRITON:
 
         ok = tl.abs(g) < float("inf")  # False for +-inf and NaN
         # Non-finite grad: write the old bits back (a plain store keeps vectorised stores possible on the GPU).
-        tl.store(p_ptr + offs, tl.where(ok, _to_storage(x, P_DTYPE), p_raw), mask=mask)
+        p_new = tl.where(ok, _to_storage(x, P_DTYPE), p_raw)
+        tl.store(p_ptr + offs, p_new, mask=mask)
         tl.store(m_ptr + offs, tl.where(ok, _to_storage(m2, M_DTYPE), m_raw), mask=mask)
         tl.store(v_ptr + offs, tl.where(ok, _to_storage(v2, V_DTYPE), v_raw), mask=mask)
+        p_abs = tl.abs(p_new.to(tl.float32))  # next step's statistic, from the registers (no second pass)
         if mask is None:
             bad = tl.sum((ok == 0).to(tl.int32), axis=0)
         else:
             bad = tl.sum(((ok == 0) & mask).to(tl.int32), axis=0)
-        return bad
+            p_abs = tl.where(mask, p_abs, 0.0)
+        return bad, p_abs
 
     @triton.jit
     def _base(table, t, start, DTYPE: tl.constexpr, HINT: tl.constexpr):
@@ -138,25 +142,29 @@ if _HAS_TRITON:
         DECAY: tl.constexpr, HAS_SCALE: tl.constexpr, FULL: tl.constexpr, HINT: tl.constexpr,
         BLOCK: tl.constexpr, K: tl.constexpr,
     ):
-        """One chunk (K blocks); FULL: all BLOCK*K elements valid, no bounds mask. Returns the non-finite count."""
+        """One chunk (K blocks); FULL: all BLOCK*K elements valid, no bounds mask. Returns (the non-finite count,
+        the chunk's fp32 Σ|θ_new|, summed in the same order as :func:`_abs_chunk`)."""
         p_ptr = _base(p_ptrs, t, start, P_DTYPE, HINT)
         g_ptr = _base(g_ptrs, t, start, G_DTYPE, HINT)
         m_ptr = _base(m_ptrs, t, start, M_DTYPE, HINT)
         v_ptr = _base(v_ptrs, t, start, V_DTYPE, HINT)
         bad = tl.zeros((), dtype=tl.int32)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K):
             offs = k * BLOCK + tl.arange(0, BLOCK)
             if FULL:
                 mask = None
             else:
                 mask = offs < n
-            bad += _adamhd_block(
+            b, a = _adamhd_block(
                 p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
                 step_size, bc2_sqrt, delta, scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
                 P_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE,
             )
-        return bad
+            bad += b
+            acc += a
+        return bad, tl.sum(acc, axis=0)
 
     @triton.jit
     def _adamhd_kernel(
@@ -165,10 +173,11 @@ if _HAS_TRITON:
         aligned,  # int8 per tensor: 1 if its p, g, m, v addresses are 16-byte aligned (read when ALIGN == 2)
         step_sizes, bc2_sqrts, deltas,  # fp32, one entry per tensor
         grad_scale_ptr, nonfinite_ptr,
+        sums_ptr,  # fp32 per tensor: Σ|θ| of the updated tensor is atomically added (read when HAS_SUMS)
         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,  # runtime fp32 scalars
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
         DECAY: tl.constexpr,  # 0: none, 1: prox, 2: clip
-        HAS_SCALE: tl.constexpr, HAS_NONFINITE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_NONFINITE: tl.constexpr, HAS_SUMS: tl.constexpr,
         ALIGN: tl.constexpr,  # 0: no tensor 16-byte aligned, 1: all, 2: mixed (read the per-tensor flag)
         BLOCK: tl.constexpr, K: tl.constexpr,
     ):
@@ -193,25 +202,25 @@ if _HAS_TRITON:
         if n == BLOCK * K:
             if ALIGN == 2:
                 if tl.load(aligned + t) != 0:
-                    bad = _adamhd_chunk(
+                    bad, s = _adamhd_chunk(
                         p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
                         P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, True, BLOCK, K,
                     )
                 else:
-                    bad = _adamhd_chunk(
+                    bad, s = _adamhd_chunk(
                         p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
                         P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, False, BLOCK, K,
                     )
             else:
-                bad = _adamhd_chunk(
+                bad, s = _adamhd_chunk(
                     p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                     one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
                     P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, ALIGN == 1, BLOCK, K,
                 )
         else:
-            bad = _adamhd_chunk(
+            bad, s = _adamhd_chunk(
                 p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
                 P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, False, ALIGN == 1, BLOCK, K,
@@ -219,6 +228,8 @@ if _HAS_TRITON:
         if HAS_NONFINITE:
             if bad > 0:
                 tl.atomic_add(nonfinite_ptr, bad.to(nonfinite_ptr.dtype.element_ty))
+        if HAS_SUMS:
+            tl.atomic_add(sums_ptr + t, s)
 
     @triton.jit
     def _abs_chunk(x_ptrs, t, start, n, X_DTYPE: tl.constexpr, FULL: tl.constexpr, HINT: tl.constexpr,
@@ -366,6 +377,7 @@ def fused_adamhd_triton_(
     decay: str,
     grad_scale: Tensor | None = None,
     nonfinite: Tensor | None = None,
+    abs_sums: Tensor | None = None,
 ) -> None:
     """AdamHD update of every tensor in place, one kernel launch per dtype combination (normally one).
 
@@ -373,6 +385,10 @@ def fused_adamhd_triton_(
     when ``weight_decay == 0``). ``grad_scale``: optional 0-d fp32 device tensor, grads are divided by it.
     ``nonfinite``: optional 1-element int32/int64 device tensor; the number of non-finite grad elements is
     atomically added to it. Elements with a non-finite grad keep their p, m and v.
+    ``abs_sums``: optional fp32 device tensor, one entry per tensor; it receives ``Σ|θ|`` of each tensor AFTER the
+    update (of the stored values), computed from the registers as θ is written: the next step's layer statistic
+    without a second pass over memory. Per chunk the same fp32 sum as :func:`layer_abs_sums_triton`; chunks are
+    combined with atomic adds, so the last bits may vary from run to run on a GPU.
     """
     _require_triton()
     n_t = len(params)
@@ -399,6 +415,11 @@ def fused_adamhd_triton_(
     if nonfinite is not None and (nonfinite.device != device or nonfinite.dtype not in (torch.int32, torch.int64)
                                   or nonfinite.numel() != 1):
         raise ValueError(f"nonfinite must be a 1-element int32/int64 tensor on {device}")
+    if abs_sums is not None:
+        if (abs_sums.device != device or abs_sums.dtype != torch.float32 or abs_sums.dim() != 1
+                or abs_sums.numel() != n_t or not abs_sums.is_contiguous()):
+            raise ValueError(f"abs_sums must be a contiguous 1-D float32 tensor of length {n_t} on {device}")
+        abs_sums.zero_()
 
     # One pass over the tensors (the host cost of a step): cheap checks, full ones only on a mismatch.
     dev = _device_index(params[0])
@@ -441,6 +462,8 @@ def fused_adamhd_triton_(
             sel = _index(tuple(idx), device)
             ss, bc = step_sizes.index_select(0, sel), bc2_sqrts.index_select(0, sel)
             dl = deltas.index_select(0, sel) if deltas is not None else None
+        sums = abs_sums if (abs_sums is None or len(groups) == 1) else torch.zeros(len(idx), dtype=torch.float32,
+                                                                                  device=device)
         chunk_tensor, chunk_start, chunk_len = _chunks(sub_numels, device)
         n_chunks = chunk_tensor.numel()
         if n_chunks == 0:
@@ -458,12 +481,15 @@ def fused_adamhd_triton_(
             ss, bc, dl if dl is not None else ss,
             grad_scale if grad_scale is not None else ss,
             nonfinite if nonfinite is not None else chunk_len,
+            sums if sums is not None else ss,
             *scalars,
             P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md], V_DTYPE=_TL_DTYPE[vd],
             DECAY=decay_code, HAS_SCALE=grad_scale is not None, HAS_NONFINITE=nonfinite is not None,
-            ALIGN=align_mode, BLOCK=BLOCK, K=K, num_warps=NUM_WARPS,
+            HAS_SUMS=sums is not None, ALIGN=align_mode, BLOCK=BLOCK, K=K, num_warps=NUM_WARPS,
             enable_fp_fusion=False,  # no FMA contraction: the IEEE ops as written (bit-equal to the interpreter)
         )
+        if sums is not None and sums is not abs_sums:
+            abs_sums.index_copy_(0, _index(tuple(idx), device), sums)
 
 
 def layer_abs_sums_triton(tensors: Sequence[Tensor]) -> Tensor:
