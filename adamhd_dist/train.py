@@ -963,12 +963,14 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
                      max_batches=s.eval_batches)
 
     start_step, tokens = 0, 0
+    elapsed_before = 0.0  # training seconds of the earlier launches of this run (metrics' elapsed_s goes on)
     if resume_from is not None:
         folder = resume_from[1]
         engine.load(folder.parent, folder.name)
         state = ck.read_trainer_state(folder)
         sampler.load_state_dict(state["sampler"])
         start_step, tokens = int(state["step"]), int(state["tokens"])
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         rng_file = folder / f"rng_rank{rank}.pt"
         if state.get("world_size") == world and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -1028,7 +1030,9 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
         if ctx.is_main:
             ck.write_json_atomic({"step": step, "tokens": tokens, "sampler": sampler.state_dict(), "world_size": world,
                                   "launch": s.launch, "zero_stage": run.derived.get("zero_stage"),
-                                  "micro_batch": s.micro_batch, "time": time.time()}, folder / ck.TRAINER_STATE)
+                                  "micro_batch": s.micro_batch, "time": time.time(),
+                                  "elapsed_s": elapsed_before + time.perf_counter() - t_start},
+                                 folder / ck.TRAINER_STATE)
         dist.barrier()
         final = root / ck.tag_for(step)
         if ctx.is_main:
@@ -1077,7 +1081,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
                 record = {"step": step, "tokens": tokens, "loss": loss, "lr": lr_used, "grad_norm": grad_norm,
                           "batch_tokens": accum * plan.tokens_per_micro_step, "accum_steps": accum,
                           "tokens_per_s": tps, "mfu": tps * fpt / (peak * world) if peak else None,
-                          "elapsed_s": now - t_start, **delta_summary(deltas)}
+                          "elapsed_s": elapsed_before + now - t_start, **delta_summary(deltas)}
                 if do_eval:
                     vl = evaluate()
                     record.update(val_loss=vl, val_ppl=math.exp(min(vl, 80.0)))

@@ -120,6 +120,10 @@ def test_resume_after_interruption_equals_uninterrupted(ds_run, tmp_path, data_c
     assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))  # bitwise: loss, lr, grad norm, δ, val loss
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["step"] for r in manifest["resumes"]] == [4]
+    # the run's training time goes on across the resume instead of starting again from 0
+    elapsed = [r["elapsed_s"] for r in lr.metrics(out)]
+    saved = ck.read_trainer_state(out / "checkpoints" / "step4")["elapsed_s"]
+    assert elapsed == sorted(elapsed) and elapsed[3] <= saved <= elapsed[4]
 
 
 @pytest.mark.slow
