@@ -173,7 +173,7 @@ class AdamHD(Optimizer):
         # layers (ZeRO): see adamhd_dist.layout. The engine then calls begin_step() once per training step.
         self.layout: FlatLayout | None = None
         self._loaded_layer_state: dict | None = None
-        self._last_deltas: dict[Tensor, float] = {}
+        self._last_deltas: dict[Tensor, float] | tuple = {}
         self._pending_nonfinite: list[tuple[int, Tensor]] = []
         # param -> (Σ|θ| after its last update, version counter and address of the updated tensor): the next
         # step's statistic, produced by the update itself. Used only while the tensor is provably unchanged.
@@ -259,12 +259,23 @@ class AdamHD(Optimizer):
         """δ for every param that needs one, across ALL groups, with ONE reduction of the layer sums.
 
         Updates μ (``delta_ema``) in place. Returns {param: 0-d fp32 δ on the param's device}."""
-        stat_params, stat_groups = [], []
-        for group, ps, _ in work:
+        per_group = self._group_deltas(work)
+        return {p: d for (_, ps, _), ds in zip(work, per_group) if ds is not None for p, d in zip(ps, ds.unbind(0))}
+
+    def _group_deltas(self, work) -> list[Tensor | None]:
+        """:meth:`compute_deltas` as one fp32 δ vector per entry of ``work`` (None where the group has no decay),
+        without a Python object per parameter in the usual case: the statistic's params are the decayed groups'
+        params in order, so with one δ setting each group's δ is a slice of one vector."""
+        stat_params, stat_states, stat_groups, spans = [], [], [], []
+        for group, ps, states in work:
             if self._needs_delta(group):
+                spans.append((len(stat_params), len(ps)))
                 stat_params += ps
+                stat_states += states
                 stat_groups += [group] * len(ps)
-        deltas: dict[Tensor, Tensor] = {}
+            else:
+                spans.append(None)
+        out: list[Tensor | None] = [None] * len(work)
         if stat_params:
             sums = self._local_abs_sums(stat_params)
             if self.reduce_layer_sums is not None:
@@ -274,39 +285,52 @@ class AdamHD(Optimizer):
             settings: dict[tuple, list[int]] = {}
             for i, g in enumerate(stat_groups):
                 settings.setdefault((g["delta_mode"], float(g["delta_scale"]), float(g["delta_beta"])), []).append(i)
+            d_all = None
             for (mode, scale, beta), idx in settings.items():
                 # the usual case, one setting for every layer, needs no gather (an index tensor would be a
                 # host-to-device copy, which waits for the GPU)
                 whole = len(settings) == 1
-                ps = stat_params if whole else [stat_params[i] for i in idx]
-                has_mu = [("delta_ema" in self.state[p]) for p in ps] if mode == "ema" else None
+                sts = stat_states if whole else [stat_states[i] for i in idx]
+                has_mu = [("delta_ema" in st) for st in sts] if mode == "ema" else None
                 mus = None
                 if mode == "ema" and any(has_mu):
-                    mus = torch.stack([
-                        self.state[p]["delta_ema"].to(sums.device) if h else torch.zeros((), device=sums.device)
-                        for p, h in zip(ps, has_mu)])
-                d, new_mu = update_deltas(sums if whole else sums[torch.tensor(idx, device=sums.device)],
-                                          numels if whole else [numels[i] for i in idx], mus, has_mu,
-                                          mode=mode, scale=scale, beta=beta)
+                    old_mu = [st["delta_ema"] for st, h in zip(sts, has_mu) if h]
+                    if len(old_mu) == len(sts) and all(t.device == sums.device for t in old_mu):
+                        mus = torch.stack(old_mu)
+                    else:
+                        mus = torch.stack([st["delta_ema"].to(sums.device) if h
+                                           else torch.zeros((), device=sums.device) for st, h in zip(sts, has_mu)])
+                sel = None if whole else torch.tensor(idx, device=sums.device)
+                d, new_mu = update_deltas(sums if whole else sums[sel], numels if whole else [numels[i] for i in idx],
+                                          mus, has_mu, mode=mode, scale=scale, beta=beta)
                 if new_mu is not None:
                     old = [j for j, h in enumerate(has_mu) if h]
                     if old:  # one foreach copy instead of a copy per layer
-                        src = new_mu if len(old) == len(ps) else new_mu[torch.tensor(old, device=new_mu.device)]
-                        torch._foreach_copy_([self.state[ps[j]]["delta_ema"] for j in old], list(src.unbind(0)))
-                    for j, h in enumerate(has_mu):
-                        if not h:
-                            self.state[ps[j]]["delta_ema"] = new_mu[j].to(ps[j].device).clone()
-                deltas.update(zip(ps, d.unbind(0)))
-        for group, ps, _ in work:
-            if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0:
-                for p in ps:
-                    deltas[p] = torch.tensor(float(group["delta"]), dtype=torch.float32, device=p.device)
-        return deltas
+                        src = new_mu if len(old) == len(sts) else new_mu[torch.tensor(old, device=new_mu.device)]
+                        torch._foreach_copy_([sts[j]["delta_ema"] for j in old], list(src.unbind(0)))
+                    if len(old) < len(sts):
+                        ps = stat_params if whole else [stat_params[i] for i in idx]
+                        for j, h in enumerate(has_mu):
+                            if not h:
+                                sts[j]["delta_ema"] = new_mu[j].to(ps[j].device).clone()
+                if whole:
+                    d_all = d
+                else:
+                    if d_all is None:
+                        d_all = torch.empty(len(stat_params), dtype=torch.float32, device=d.device)
+                    d_all[sel] = d
+            for k, span in enumerate(spans):
+                if span is not None:
+                    out[k] = d_all[span[0]:span[0] + span[1]]
+        for k, (group, ps, _) in enumerate(work):
+            if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0 and ps:
+                out[k] = torch.full((len(ps),), float(group["delta"]), dtype=torch.float32, device=ps[0].device)
+        return out
 
     def _local_abs_sums(self, params: list[Tensor]) -> Tensor:
         """Σ|θ_local| per param: from the previous update's by-product when the tensor is unchanged since (same
         version counter and address), else one fresh :func:`layer_abs_sums` call for the rest."""
-        locals_ = [self._local(p) for p in params]
+        locals_ = params if self.local_tensor is None else [self.local_tensor(p) for p in params]
         cached, missing = {}, []
         for i, (p, t) in enumerate(zip(params, locals_)):
             hit = self._abs_sum_cache.get(p)
@@ -449,12 +473,12 @@ class AdamHD(Optimizer):
         lay = self.layout
         if lay is not None:
             layer_delta = self._layout_deltas()
-            deltas = {}
+            group_deltas = [None] * len(work)
         else:
-            deltas = self.compute_deltas(work)
-        self._last_deltas = {p: d for p, d in deltas.items()}
+            group_deltas = self._group_deltas(work)
+        self._last_deltas = (work, group_deltas)  # expanded by last_deltas(), when asked
         local = self._local
-        for group, ps, states in work:
+        for (group, ps, states), group_delta in zip(work, group_deltas):
             if not ps:
                 continue
             step_tensors = [s["step"] for s in states]
@@ -469,9 +493,13 @@ class AdamHD(Optimizer):
                 ds = ds.to(device)
                 needs = group["delta_mode"] != "constant"
             else:
-                params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
-                m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
-                ds = torch.stack([deltas[p] for p in ps]).to(ps[0].device) if wd != 0.0 else None
+                if self.local_tensor is None:  # the tensors themselves
+                    params, grads = list(ps), [p.grad for p in ps]
+                    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+                else:
+                    params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
+                    m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
+                ds = group_delta.to(ps[0].device) if wd != 0.0 else None
                 needs = self._needs_delta(group)
                 device = params[0].device
             if not params:
@@ -557,4 +585,12 @@ class AdamHD(Optimizer):
 
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only)."""
-        return {p: float(d) for p, d in self._last_deltas.items()}
+        last = self._last_deltas
+        if isinstance(last, tuple):  # (work, per-group δ vectors) of the last step
+            work, per_group = last
+            last = {}
+            for (_, ps, _), ds in zip(work, per_group):
+                if ds is not None:
+                    last.update(zip(ps, ds.tolist()))
+            self._last_deltas = last
+        return {p: float(d) for p, d in last.items()}
