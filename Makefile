@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  := $(shell grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -32,6 +32,19 @@ test: install
 
 bench: install
 	$(BIN)/python bench/optimizer_step.py
+
+# The GPU check (bench/gpu_check.sh) runs on a CUDA machine that has torch and triton but may not reach an index:
+# this folder carries DeepSpeed (built here as a wheel) and the pure-Python packages it needs beyond those, for the
+# GPU machine's Python ($(GPU_PY)). The versions are those the test suite runs with.
+GPU_PY    ?= 3.12
+GPU_WHEELS = hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -c constraints.txt -w .whl deepspeed
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	@ls .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -50,30 +50,39 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def make_list(shapes, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
-    for p in params:
-        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
-    return params
+def _randn(n_or_shape, gen, device, scale):
+    return torch.randn(n_or_shape, generator=gen, device=device).mul_(scale)
 
 
+# Each candidate owns its parameters and moments (AdamHD keeps next step's statistic from its own update, so a
+# parameter another optimizer moved would cost it a re-read that real training never pays); the gradients, which no
+# optimizer writes, are shared. A candidate is built only when its group is measured (see run_layout).
 def list_candidates(shapes, device):
-    """name -> (step_fn, description) over separate tensors."""
-    cands = {}
+    """name -> factory; factory() allocates the candidate and returns its step function."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    grads = [_randn(s, gen, device, 1e-3) for s in shapes]
+    inits = [torch.Generator(device=device).manual_seed(1 + i) for i in range(len(shapes))]
 
-    def opt_step(make):
-        params = make_list(shapes, device)
-        opt = make(params)
-        return lambda: opt.step()
+    def factory(make):
+        def build():
+            params = []
+            for s, g, gi in zip(shapes, grads, inits):
+                p = torch.nn.Parameter(_randn(s, gi.manual_seed(gi.initial_seed()), device, 0.02))
+                p.grad = g
+                params.append(p)
+            opt = make(params)
+            return opt.step
+        return build
 
-    cands["AdamHD fused"] = opt_step(lambda ps: AdamHD(ps, **HP, fused=True))
-    cands["AdamHD foreach"] = opt_step(lambda ps: AdamHD(ps, **HP, foreach=True))
-    cands["AdamW fused (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, fused=True))
-    cands["AdamW foreach (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, foreach=True))
+    cands = {
+        "AdamHD fused": factory(lambda ps: AdamHD(ps, **HP, fused=True)),
+        "AdamHD foreach": factory(lambda ps: AdamHD(ps, **HP, foreach=True)),
+        "AdamW fused (torch)": factory(lambda ps: torch.optim.AdamW(ps, **HP, fused=True)),
+        "AdamW foreach (torch)": factory(lambda ps: torch.optim.AdamW(ps, **HP, foreach=True)),
+    }
     ds = deepspeed_candidate(device)
     if ds is not None:
-        cands[ds[0]] = opt_step(ds[1])
+        cands[ds[0]] = factory(ds[1])
     return cands
 
 
@@ -98,48 +107,62 @@ def flat_candidates(shapes, device):
     starts = [0]
     for n in numels[:-1]:
         starts.append(starts[-1] + n)
-    cands = {}
+    grad = _randn(total, torch.Generator(device=device).manual_seed(2), device, 1e-3)
 
-    def buffers():
-        g = torch.Generator(device="cpu").manual_seed(1)
-        flat = torch.nn.Parameter((torch.randn(total, generator=g) * 0.02).to(device))
-        flat.grad = (torch.randn(total, generator=g) * 1e-3).to(device)
+    def new_flat():
+        flat = torch.nn.Parameter(_randn(total, torch.Generator(device=device).manual_seed(3), device, 0.02))
+        flat.grad = grad
         return flat
 
-    # AdamHD on a flat partition with per-layer δ: the optimizer with a FlatLayout, stepped as the ZeRO
-    # integration steps it (begin_step: the per-layer statistic, then the inner step over 292 layer views)
-    flat = buffers()
-    opt = AdamHD([flat], **HP, fused=True)
-    frags = [Fragment(i, s, n) for i, (s, n) in enumerate(zip(starts, numels))]
-    opt.set_layout(FlatLayout([f"layer{i}" for i in range(len(numels))], numels, [0] * len(numels), {flat: frags},
-                              None))
-
     def adamhd_flat():
-        opt.begin_step()
-        opt.step()
+        # AdamHD on a flat partition with per-layer δ: the optimizer with a FlatLayout, stepped as the ZeRO
+        # integration steps it (begin_step: the per-layer statistic, then the inner step over 292 layer views)
+        flat = new_flat()
+        opt = AdamHD([flat], **HP, fused=True)
+        frags = [Fragment(i, s, n) for i, (s, n) in enumerate(zip(starts, numels))]
+        opt.set_layout(FlatLayout([f"layer{i}" for i in range(len(numels))], numels, [0] * len(numels),
+                                  {flat: frags}, None))
 
-    cands["AdamHD fused, per-layer δ"] = adamhd_flat
+        def step():
+            opt.begin_step()
+            opt.step()
+        return step
 
-    def opt_step(make):
-        f = buffers()
-        opt = make([f])
-        return lambda: opt.step()
+    def factory(make):
+        return lambda: make([new_flat()]).step
 
-    cands["AdamW fused (torch)"] = opt_step(lambda ps: torch.optim.AdamW(ps, **HP, fused=True))
+    cands = {"AdamHD fused, per-layer δ": adamhd_flat,
+             "AdamW fused (torch)": factory(lambda ps: torch.optim.AdamW(ps, **HP, fused=True))}
     ds = deepspeed_candidate(device)
     if ds is not None:
-        cands[ds[0]] = opt_step(ds[1])
+        cands[ds[0]] = factory(ds[1])
     return cands
 
 
-def measure(cands, device, reps, warmup):
-    times = {k: [] for k in cands}
-    for fn in cands.values():
+def group_size_for(n_params: int, n_cands: int, device) -> int:
+    """How many candidates can be live at once: all on the CPU; on a GPU as many as fit (gradients once, then
+    parameters and two moments per candidate, 12 bytes per parameter, with headroom), at least 2 (one and the
+    baseline), else a clear refusal before anything is allocated."""
+    if device.type != "cuda":
+        return n_cands
+    free, total = torch.cuda.mem_get_info(device)
+    k = int((0.85 * free / (4 * n_params) - 1) // 3)
+    if k < 2:
+        raise SystemExit(f"--gpu-d-model: {n_params / 1e9:.3f} B parameters need about "
+                         f"{(4 + 24) * n_params / 2**30:.1f} GiB of GPU memory for two optimizers side by side; "
+                         f"{free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is free: choose a smaller --gpu-d-model")
+    return min(k, n_cands)
+
+
+def measure(fns, device, reps, warmup):
+    """Median ms per step of each step function, timed in interleaved rounds."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     for _ in range(reps):
-        for name, fn in cands.items():
+        for name, fn in fns.items():
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -148,18 +171,36 @@ def measure(cands, device, reps, warmup):
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def run_layout(cands, baseline, device, n_params, reps, warmup):
+    """Measure every candidate against ``baseline`` in groups that fit the device (one group on the CPU); the
+    baseline runs in every group and each ratio is taken against the baseline of its own group."""
+    others = [k for k in cands if k != baseline]
+    k = group_size_for(n_params, len(cands), device)
+    groups = [others[i:i + k - 1] for i in range(0, len(others), k - 1)] or [[]]
+    out = {}
+    for gi, names in enumerate(groups):
+        fns = {name: cands[name]() for name in [*names, baseline]}
+        ms = measure(fns, device, reps, warmup)
+        del fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name in names + ([baseline] if gi == 0 else []):
+            out[name] = (ms[name], ms[name] / ms[baseline], gi)
+    return out
+
+
 def run_device(device, d_model, reps, warmup, baseline_name):
     shapes = gpt3_xl_shapes(d_model)
     n = sum(int(torch.Size(s).numel()) for s in shapes)
+    print(f"[bench] {device.type}: {n / 1e6:.1f} M parameters in {len(shapes)} tensors, {reps} rounds", flush=True)
     rows = []
     for layout, make in (("list", list_candidates), ("flat", flat_candidates)):
         cands = make(shapes, device)
-        ms = measure(cands, device, reps, warmup)
-        base = ms.get(baseline_name) or ms["AdamW fused (torch)"]
-        for name, t in ms.items():
+        base = baseline_name if baseline_name in cands else "AdamW fused (torch)"
+        for name, (t, ratio, gi) in run_layout(cands, base, device, n, reps, warmup).items():
             rows.append(dict(device=device.type, layout=layout, optimizer=name, params=n, tensors=len(shapes),
                              ms=round(t, 3), gb_s=round(28 * n / (t * 1e-3) / 1e9, 2),
-                             ratio_vs_baseline=round(t / base, 3)))
+                             ratio_vs_baseline=round(ratio, 3), group=gi))
         del cands
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -177,6 +218,13 @@ def machine_info():
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
     return info
 
 
@@ -187,14 +235,19 @@ def main(argv=None):
     ap.add_argument("--gpu-d-model", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                    help="all (default): the CPU, then the GPU when one is present; cpu or cuda: that one only")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "optimizer_step.json")
     args = ap.parse_args(argv)
     if args.d_model <= 0 or args.gpu_d_model <= 0 or args.reps <= 0 or args.warmup < 0:
         ap.error("--d-model, --gpu-d-model and --reps must be positive, --warmup >= 0")
 
-    rows = run_device(torch.device("cpu"), args.d_model, args.reps, args.warmup, "DeepSpeedCPUAdam")
-    if torch.cuda.is_available() and not args.cpu_only:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to torch")
+    rows = []
+    if args.device in ("all", "cpu"):
+        rows += run_device(torch.device("cpu"), args.d_model, args.reps, args.warmup, "DeepSpeedCPUAdam")
+    if args.device in ("all", "cuda") and torch.cuda.is_available():
         rows += run_device(torch.device("cuda"), args.gpu_d_model, args.reps, args.warmup, "AdamW fused (torch)")
     result = dict(machine=machine_info(), hyperparameters=HP, command=" ".join(["python", *sys.argv]), rows=rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
