@@ -48,9 +48,13 @@ def bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: flo
     """Per-tensor ``(step_size, sqrt(bias_correction2))`` as Python floats (fp64 host math, as torch does)."""
     if not bias_correction:
         return [lr] * len(steps), [1.0] * len(steps)
-    step_sizes = [lr / (1.0 - beta1 ** float(t)) for t in steps]
-    bc2_sqrts = [math.sqrt(1.0 - beta2 ** float(t)) for t in steps]
-    return step_sizes, bc2_sqrts
+    distinct = set(steps)  # usually one step number for every tensor: compute each value once
+    ss = {t: lr / (1.0 - beta1 ** float(t)) for t in distinct}
+    bc = {t: math.sqrt(1.0 - beta2 ** float(t)) for t in distinct}
+    if len(distinct) == 1:
+        (t,) = distinct
+        return [ss[t]] * len(steps), [bc[t]] * len(steps)
+    return [ss[t] for t in steps], [bc[t] for t in steps]
 
 
 def _fused_available(device: torch.device) -> bool:
