@@ -80,6 +80,44 @@ def test_per_group_hyperparameters(path):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
+def test_several_delta_settings_in_one_step(path):
+    """Groups with different δ rules (and a group without decay between them, and a param without a gradient)
+    share one statistic call; each param still gets its own group's δ."""
+    torch.manual_seed(3)
+    shapes = [[(5, 3), (7,)], [(4, 4)], [(6,), (2, 9)], [(3,), (8,)]]
+    hps = [dict(lr=1e-2, weight_decay=0.4, delta_mode="ema", delta_scale=2.0, delta_beta=0.5),
+           dict(lr=1e-2, weight_decay=0.0),
+           dict(lr=2e-2, weight_decay=0.6, delta_mode="mean_abs", delta_scale=0.7, decay="clip"),
+           dict(lr=1e-2, weight_decay=0.3, delta_mode="ema", delta_scale=1.1, delta_beta=0.9)]
+    groups = [[torch.nn.Parameter(torch.randn(s)) for s in ss] for ss in shapes]
+    idle = torch.nn.Parameter(torch.randn(4))  # never gets a gradient
+    groups[2].insert(1, idle)
+    idle_before = idle.detach().clone()
+    opt = AdamHD([{"params": ps, **hp} for ps, hp in zip(groups, hps)], **PATHS[path])
+    refs = [RefAdamHD([p.detach().double().numpy() for p in ps if p is not idle], **hp) for ps, hp in zip(groups, hps)]
+    for _ in range(5):
+        for ps, r in zip(groups, refs):
+            gs = []
+            for p in ps:
+                if p is idle:
+                    continue
+                p.grad = torch.randn_like(p)
+                gs.append(p.grad.double().numpy())
+            r.step(gs)
+        opt.step()
+    last = opt.last_deltas()
+    for ps, r, hp in zip(groups, refs, hps):
+        live = [p for p in ps if p is not idle]
+        for p, want, d in zip(live, r.params, r.deltas):
+            np.testing.assert_allclose(p.detach().double().numpy(), want, rtol=1e-5, atol=1e-6)
+            if hp["weight_decay"]:
+                assert last[p] == pytest.approx(d, rel=1e-5)
+            else:
+                assert p not in last
+    assert torch.equal(idle.detach(), idle_before) and idle not in last
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 def test_params_without_grad_are_untouched(path):
     a, b = torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4, 4))
     before = b.detach().clone()
