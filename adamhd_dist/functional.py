@@ -290,10 +290,11 @@ _DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
 
 def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
     """{(device, dtypes of p, g, m, v): indices}; None when every tensor is of one kind (the usual case)."""
+    if all(len(set(map(_DTYPE, ts))) == 1 for ts in (params, grads, exp_avgs, exp_avg_sqs)) \
+            and len(set(map(_DEVICE, params))) == 1:
+        return None
     keys = list(zip(map(_DEVICE, params), map(_DTYPE, params), map(_DTYPE, grads), map(_DTYPE, exp_avgs),
                     map(_DTYPE, exp_avg_sqs)))
-    if len(set(keys)) == 1:
-        return None
     groups: dict[tuple, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)

@@ -73,6 +73,8 @@ class FlatLayout:
         self.reduce = reduce
         self.fragments: dict[Tensor, list[Fragment]] = {}
         self._splits: dict[Tensor, tuple[list[int], list[int], Tensor]] = {}
+        # (id(flat), role) -> (tensor, its address, its fragment views): see persistent_views
+        self._view_cache: dict[tuple, tuple[Tensor, int, list[Tensor]]] = {}
         self.engine_index = dict(engine_index or {})
         # per-layer vectors live where the flat tensors do (no host round trip per step on a GPU)
         self.device = next(iter(fragments)).device if fragments else torch.device("cpu")
@@ -122,6 +124,7 @@ class FlatLayout:
             at = f.start + f.numel
         if flat.numel() > at:
             sizes.append(flat.numel() - at)
+        self._view_cache.clear()
         self._splits[flat] = (sizes, pick, torch.tensor([f.layer for f in frags], dtype=torch.long,
                                                         device=flat.device))
 
@@ -142,6 +145,23 @@ class FlatLayout:
         sizes, pick, _ = self._splits[flat]
         parts = torch.split_with_sizes(t.view(-1), sizes)
         return [parts[i] for i in pick]
+
+    def persistent_views(self, flat: Tensor, t: Tensor, role: str) -> list[Tensor]:
+        """:meth:`fragment_views` of a tensor that lives from step to step (the flat parameter, its moments), kept
+        while ``t`` is the same object at the same address: the views then see every in-place write. A tensor
+        that is replaced (another object or address) gets new views, and :meth:`clear_views` (called when the
+        optimizer loads a state) drops them all. Gradients, which engines may hand over anew each step, take
+        :meth:`fragment_views`."""
+        key = (id(flat), role)  # flat is one of this layout's tensors, kept alive by it: its id is stable
+        hit = self._view_cache.get(key)
+        if hit is not None and hit[0] is t and hit[1] == t.data_ptr():
+            return hit[2]
+        views = self.fragment_views(flat, t)
+        self._view_cache[key] = (t, t.data_ptr(), views)
+        return views
+
+    def clear_views(self) -> None:
+        self._view_cache.clear()
 
     def fragment_layers(self, flat: Tensor) -> Tensor:
         """int64 layer index of every fragment of ``flat``, in fragment order."""

@@ -355,6 +355,8 @@ class AdamHD(Optimizer):
         notices in-place changes to a parameter by itself (its version counter); call this after writing into a
         parameter's storage behind autograd's back (e.g. ``p.data.copy_(...)``)."""
         self._abs_sum_cache.clear()
+        if self.layout is not None:
+            self.layout.clear_views()
 
     # ----------------------------------------------------------------------------------------------------------
     # flat layouts (ZeRO partitions)
@@ -389,7 +391,7 @@ class AdamHD(Optimizer):
         per_group = [self._delta_setting(g) for g in self.param_groups]
         settings = [per_group[g] for g in lay.groups]
         need = {i for i, st in enumerate(settings) if st is not None and st[0] != "constant"}
-        sums = lay.local_sums(need) if need else None
+        sums = lay.local_sums(None if len(need) == len(settings) else need) if need else None
         if need and lay.reduce is not None:
             sums = lay.reduce(sums)
         lay.pending_sums = (sums, settings)
@@ -410,6 +412,16 @@ class AdamHD(Optimizer):
         for i, st in enumerate(settings):
             if st is not None:
                 by_setting.setdefault(st, []).append(i)
+        if len(by_setting) == 1 and len(next(iter(by_setting.values()))) == len(settings):
+            (mode, scale, beta, const), = by_setting
+            if mode != "constant":  # the usual case: one rule for every layer, whole-vector ops, no gather
+                d, new_mu = update_deltas(sums, lay.numels, lay.mu, lay.has_mu, mode=mode, scale=scale, beta=beta)
+                lay.delta.copy_(d)
+                if new_mu is not None:
+                    lay.mu.copy_(new_mu)
+                    lay.has_mu.fill_(True)
+                lay.ready = True
+                return lay.delta
         for (mode, scale, beta, const), idx in by_setting.items():
             sel = torch.tensor(idx, dtype=torch.long, device=lay.device)
             if mode == "constant":
@@ -434,10 +446,10 @@ class AdamHD(Optimizer):
                 raise RuntimeError(f"a tensor of {p.numel()} elements in a decayed param group is not in the "
                                    f"optimizer's flat layout")
             lo = self._local
-            out_p += lay.fragment_views(p, lo(p))
+            out_p += lay.persistent_views(p, lo(p), "param")
             out_g += lay.fragment_views(p, lo(p.grad))
-            out_m += lay.fragment_views(p, lo(st["exp_avg"]))
-            out_v += lay.fragment_views(p, lo(st["exp_avg_sq"]))
+            out_m += lay.persistent_views(p, lo(st["exp_avg"]), "exp_avg")
+            out_v += lay.persistent_views(p, lo(st["exp_avg_sq"]), "exp_avg_sq")
             out_t += [t] * len(frags)
             out_d.append(deltas[lay.fragment_layers(p)])
             owners.append((p, len(frags)))
@@ -565,6 +577,8 @@ class AdamHD(Optimizer):
                                for k, v in saved_state.items()}
         super().load_state_dict(state_dict)
         self._abs_sum_cache.clear()
+        if self.layout is not None:
+            self.layout.clear_views()
         index = [p for g in self.param_groups for p in g["params"]]
         for p in index:
             st = self.state.get(p)

@@ -119,6 +119,47 @@ def test_statistic_comes_from_the_update_while_partitions_are_unchanged_and_rere
         stats.layer_abs_sums = original
 
 
+@pytest.mark.parametrize("how", ["assign", "load_state_dict"])
+def test_replaced_moments_are_the_ones_updated(how):
+    """The layer views of a flat parameter and its moments are kept between steps; a moment tensor replaced by
+    another object (as a loader may do) must be the one the next step updates, with the same result as a fresh
+    optimizer started from the same values."""
+    full = reference_params()
+    opt, parts, _ = make_flat_optimizer(full, fused=True)
+    fresh, fparts, _ = make_flat_optimizer(full, fused=True)
+    for step in range(2):
+        for o, ps in ((opt, parts), (fresh, fparts)):
+            set_flat_grads(ps, grads(step))
+            o.begin_step()
+            o.step()
+    g = torch.Generator().manual_seed(9)
+    new = {p: (0.01 * torch.randn(p.numel(), generator=g), 0.01 * torch.rand(p.numel(), generator=g)) for p in parts}
+    old = {p: (opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]) for p in parts}
+    old_values = {p: (m.clone(), v.clone()) for p, (m, v) in old.items()}
+    if how == "assign":
+        for p in parts:
+            opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"] = (t.clone() for t in new[p])
+    else:
+        sd = opt.state_dict()
+        for i, p in enumerate(parts):
+            sd["state"][i] = dict(sd["state"][i], exp_avg=new[p][0].clone(), exp_avg_sq=new[p][1].clone())
+        opt.load_state_dict(sd)
+    for fp, p in zip(fparts, parts):
+        fresh.state[fp]["exp_avg"].copy_(new[p][0])
+        fresh.state[fp]["exp_avg_sq"].copy_(new[p][1])
+    for step in range(2, 4):
+        for o, ps in ((opt, parts), (fresh, fparts)):
+            set_flat_grads(ps, grads(step))
+            o.begin_step()
+            o.step()
+    for p, fp in zip(parts, fparts):
+        assert torch.equal(p.detach(), fp.detach())
+        assert torch.equal(opt.state[p]["exp_avg"], fresh.state[fp]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh.state[fp]["exp_avg_sq"])
+        if how == "assign":  # the replaced tensors were left alone
+            assert torch.equal(old[p][0], old_values[p][0]) and torch.equal(old[p][1], old_values[p][1])
+
+
 def test_state_dict_keeps_mu_by_name_and_describes_the_layout():
     full = reference_params()
     opt, parts, half = make_flat_optimizer(full)

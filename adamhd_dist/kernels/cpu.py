@@ -115,7 +115,7 @@ def available() -> bool:
 def _per_tensor(name: str, values: Any, n: int) -> list[float]:
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).reshape(-1).tolist()
-    elif not (isinstance(values, list) and all(type(x) is float for x in values)):
+    elif not (type(values) is list and (not values or type(values[0]) is float)):  # lists of floats pass as is
         values = [float(x) for x in values]
     if len(values) != n:
         raise ValueError(f"{name}: expected {n} values (one per tensor), got {len(values)}")
