@@ -48,6 +48,7 @@ def bias_corrections(steps: Sequence[float], lr: float, beta1: float, beta2: flo
     """Per-tensor ``(step_size, sqrt(bias_correction2))`` as Python floats (fp64 host math, as torch does)."""
     if not bias_correction:
         return [lr] * len(steps), [1.0] * len(steps)
+    steps = steps.tolist() if isinstance(steps, Tensor) else [float(t) for t in steps]
     distinct = set(steps)  # usually one step number for every tensor: compute each value once
     ss = {t: lr / (1.0 - beta1 ** float(t)) for t in distinct}
     bc = {t: math.sqrt(1.0 - beta2 ** float(t)) for t in distinct}
@@ -141,8 +142,9 @@ def adamhd(
     """Functional AdamHD update (see the module docstring). Returns the count of skipped non-finite elements.
 
     ``abs_sums_out``, when given (fp64, one entry per tensor), receives ``Σ|θ|`` of each tensor AFTER the update —
-    the next step's layer statistic — bitwise equal to :func:`adamhd_dist.stats.layer_abs_sums` of the updated
-    tensors on the CPU. The fused CPU kernel gets it from the same pass over the data, for free."""
+    the next step's layer statistic. The fused kernels get it from the same pass over the data: the C++ kernel
+    bitwise equal to :func:`adamhd_dist.stats.layer_abs_sums` of the updated CPU tensors; the Triton kernel as
+    per-chunk fp32 sums combined with atomic adds (equal to a separate read up to the order of the additions)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
@@ -330,7 +332,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             if isinstance(deltas, Tensor):
                 d = deltas.detach() if len(idx) == len(params) else deltas.detach()[
                     torch.tensor(idx, device=deltas.device)]
-                d = d.to(dev, torch.float32)
+                d = d.to(dev, torch.float32).contiguous()
             elif deltas is not None:
                 d = to_dev([float(deltas[i]) for i in idx])
             else:

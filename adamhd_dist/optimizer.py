@@ -488,7 +488,8 @@ class AdamHD(Optimizer):
             group_deltas = [None] * len(work)
         else:
             group_deltas = self._group_deltas(work)
-        self._last_deltas = (work, group_deltas)  # expanded by last_deltas(), when asked
+        # expanded by last_deltas(), when asked (params and δ vectors only: no state is kept alive by it)
+        self._last_deltas = tuple((ps, ds) for (_, ps, _), ds in zip(work, group_deltas) if ds is not None)
         local = self._local
         for (group, ps, states), group_delta in zip(work, group_deltas):
             if not ps:
@@ -600,11 +601,9 @@ class AdamHD(Optimizer):
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only)."""
         last = self._last_deltas
-        if isinstance(last, tuple):  # (work, per-group δ vectors) of the last step
-            work, per_group = last
-            last = {}
-            for (_, ps, _), ds in zip(work, per_group):
-                if ds is not None:
-                    last.update(zip(ps, ds.tolist()))
-            self._last_deltas = last
+        if isinstance(last, tuple):  # ((params, δ vector) per decayed group) of the last step
+            expanded = {}
+            for ps, ds in last:
+                expanded.update(zip(ps, ds.tolist()))
+            self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}

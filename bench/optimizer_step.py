@@ -141,15 +141,16 @@ def flat_candidates(shapes, device):
 
 def group_size_for(n_params: int, n_cands: int, device) -> int:
     """How many candidates can be live at once: all on the CPU; on a GPU as many as fit (gradients once, then
-    parameters and two moments per candidate, 12 bytes per parameter, with headroom), at least 2 (one and the
-    baseline), else a clear refusal before anything is allocated."""
+    parameters and two moments per candidate, 12 bytes per parameter; plus 8 bytes per parameter of temporaries,
+    which a foreach step allocates, and 15 % headroom), at least 2 (one and the baseline), else a clear refusal
+    before anything is allocated."""
     if device.type != "cuda":
         return n_cands
     free, total = torch.cuda.mem_get_info(device)
-    k = int((0.85 * free / (4 * n_params) - 1) // 3)
+    k = int((0.85 * free / (4 * n_params) - 1 - 2) // 3)
     if k < 2:
         raise SystemExit(f"--gpu-d-model: {n_params / 1e9:.3f} B parameters need about "
-                         f"{(4 + 24) * n_params / 2**30:.1f} GiB of GPU memory for two optimizers side by side; "
+                         f"{(4 + 8 + 24) * n_params / 2**30 / 0.85:.1f} GiB of GPU memory for two optimizers side by side; "
                          f"{free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is free: choose a smaller --gpu-d-model")
     return min(k, n_cands)
 

@@ -126,3 +126,25 @@ def test_params_without_grad_are_untouched(path):
     opt.step()
     assert torch.equal(b, before) and len(opt.state[b]) == 0
     assert float(opt.state[a]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_functional_accepts_tensor_steps_and_strided_deltas(path, monkeypatch):
+    """adamhd(): step numbers as a tensor or a list give the same update; δ may be any 1-D float tensor (here an
+    expanded, non-contiguous one)."""
+    import adamhd_dist.functional as F
+
+    torch.manual_seed(5)
+    shapes = [(33,), (4, 5), (4099,)]
+    base = [(torch.randn(s), torch.randn(s), 0.1 * torch.randn(s), 0.01 * torch.rand(s)) for s in shapes]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.2, decay="prox", bias_correction=True)
+    outs = []
+    for steps, deltas in (([3.0, 3.0, 5.0], torch.tensor([0.05, 0.05, 0.05])),
+                          (torch.tensor([3.0, 3.0, 5.0]), torch.tensor(0.05).expand(3))):
+        ts = [[t.clone() for t in group] for group in base]
+        F.adamhd([t[0] for t in ts], [t[1] for t in ts], [t[2] for t in ts], [t[3] for t in ts], steps, deltas,
+                 **PATHS[path], **kw)
+        outs.append(ts)
+    for a, b in zip(*outs):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)

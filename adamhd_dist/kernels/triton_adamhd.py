@@ -387,8 +387,10 @@ def fused_adamhd_triton_(
     atomically added to it. Elements with a non-finite grad keep their p, m and v.
     ``abs_sums``: optional fp32 device tensor, one entry per tensor; it receives ``Σ|θ|`` of each tensor AFTER the
     update (of the stored values), computed from the registers as θ is written: the next step's layer statistic
-    without a second pass over memory. Per chunk the same fp32 sum as :func:`layer_abs_sums_triton`; chunks are
-    combined with atomic adds, so the last bits may vary from run to run on a GPU.
+    without a second pass over memory. Per chunk an fp32 sum in the same order of blocks as
+    :func:`layer_abs_sums_triton` (bitwise the same under the interpreter; on a GPU the reduction tree inside a
+    block is the compiler's, so the last bits may differ), chunks combined with atomic adds, so the last bits may
+    also vary from run to run on a GPU.
     """
     _require_triton()
     n_t = len(params)
