@@ -288,6 +288,14 @@ def _lru_get(cache: OrderedDict, key, build):
     return value
 
 
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """A small host table on ``device``. To a GPU it goes from pinned memory without blocking: a copy from pageable
+    memory would wait for the GPU to finish its queued work (new gradient addresses would then cost a stall)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _build_chunks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """chunk -> (tensor index int32, start offset int64, valid length int32), vectorised (no loop over chunks)."""
     n = torch.tensor(numels, dtype=torch.int64)
@@ -299,9 +307,9 @@ def _build_chunks(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor
     start = local * CHUNK
     length = torch.clamp(n[tensor_idx] - start, max=CHUNK)
     return (
-        tensor_idx.to(torch.int32).to(device),
-        start.to(device),
-        length.to(torch.int32).to(device),
+        _upload(tensor_idx.to(torch.int32), device),
+        _upload(start, device),
+        _upload(length.to(torch.int32), device),
     )
 
 
@@ -311,11 +319,11 @@ def _chunks(numels: tuple[int, ...], device: torch.device):
 
 def _addresses(ptrs: tuple[int, ...], device: torch.device) -> Tensor:
     """int64 device tensor of addresses, cached by the address tuple."""
-    return _lru_get(_addr_cache, (device, ptrs), lambda: torch.tensor(ptrs, dtype=torch.int64).to(device))
+    return _lru_get(_addr_cache, (device, ptrs), lambda: _upload(torch.tensor(ptrs, dtype=torch.int64), device))
 
 
 def _index(idx: tuple[int, ...], device: torch.device) -> Tensor:
-    return _lru_get(_index_cache, (device, idx), lambda: torch.tensor(idx, dtype=torch.int64).to(device))
+    return _lru_get(_index_cache, (device, idx), lambda: _upload(torch.tensor(idx, dtype=torch.int64), device))
 
 
 def _check(name: str, t: Tensor, device: torch.device, numel: int | None = None) -> None:
@@ -340,7 +348,8 @@ def _alignment(flags: tuple[bool, ...], device: torch.device) -> tuple[int, Tens
         return 1, None
     if not any(flags):
         return 0, None
-    table = _lru_get(_addr_cache, (device, "aligned", flags), lambda: torch.tensor(flags, dtype=torch.int8).to(device))
+    table = _lru_get(_addr_cache, (device, "aligned", flags),
+                     lambda: _upload(torch.tensor(flags, dtype=torch.int8), device))
     return 2, table
 
 
@@ -472,7 +481,7 @@ def fused_adamhd_triton_(
             continue
         # rows: p, m, v addresses (transposed from per-tensor triples); cached by the triples
         pmv = _lru_get(_addr_cache, (device, "pmv", sub_pmv),
-                       lambda: torch.tensor(sub_pmv, dtype=torch.int64).t().contiguous().to(device))
+                       lambda: _upload(torch.tensor(sub_pmv, dtype=torch.int64).t().contiguous(), device))
         gt = _addresses(sub_g, device)
         flags = tuple((a | b | c | d) % 16 == 0 for (a, b, c), d in zip(sub_pmv, sub_g))
         align_mode, align_table = _alignment(flags, device)
