@@ -57,6 +57,8 @@ def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
         if sums is None:
             norms = torch._foreach_norm(ts, 1, dtype=torch.float32)
             sums = torch.stack(norms)
+        if len(by_device) == 1:  # no scatter (its index would be a host-to-device copy that waits for the GPU)
+            return sums.to(out_device, torch.float64)
         out[torch.tensor(idx, device=out_device)] = sums.to(out_device, torch.float64)
     return out
 
