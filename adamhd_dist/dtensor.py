@@ -168,7 +168,7 @@ class DTensorLayerStats:
     def _entry_weights(self, sums: Tensor) -> tuple[Tensor, Tensor]:
         """Per entry of ``sums``: (weight in the reduction, whether the entry is a plain tensor's local sum).
 
-        The entries follow AdamHD.compute_deltas: the params of the groups that need δ, in order, that have
+        The entries follow AdamHD._group_deltas: the params of the groups that need δ, in order, that have
         a gradient this step."""
         entries = [p for p in self._stat_params() if p.grad is not None]
         if len(entries) != sums.numel():

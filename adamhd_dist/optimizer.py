@@ -255,17 +255,11 @@ class AdamHD(Optimizer):
         return work
 
     @torch.no_grad()
-    def compute_deltas(self, work) -> dict[Tensor, Tensor]:
-        """δ for every param that needs one, across ALL groups, with ONE reduction of the layer sums.
-
-        Updates μ (``delta_ema``) in place. Returns {param: 0-d fp32 δ on the param's device}."""
-        per_group = self._group_deltas(work)
-        return {p: d for (_, ps, _), ds in zip(work, per_group) if ds is not None for p, d in zip(ps, ds.unbind(0))}
-
     def _group_deltas(self, work) -> list[Tensor | None]:
-        """:meth:`compute_deltas` as one fp32 δ vector per entry of ``work`` (None where the group has no decay),
-        without a Python object per parameter in the usual case: the statistic's params are the decayed groups'
-        params in order, so with one δ setting each group's δ is a slice of one vector."""
+        """δ for every param that needs one, across ALL groups, with ONE reduction of the layer sums; updates μ
+        (``delta_ema``) in place. Returns one fp32 δ vector per entry of ``work`` (None where the group has no
+        decay). The statistic's params are the decayed groups' params that have a gradient, in order, so with one
+        δ setting each group's δ is a slice of one vector."""
         stat_params, stat_states, stat_groups, spans = [], [], [], []
         for group, ps, states in work:
             if self._needs_delta(group):

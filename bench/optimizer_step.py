@@ -61,13 +61,13 @@ def list_candidates(shapes, device):
     """name -> factory; factory() allocates the candidate and returns its step function."""
     gen = torch.Generator(device=device).manual_seed(0)
     grads = [_randn(s, gen, device, 1e-3) for s in shapes]
-    inits = [torch.Generator(device=device).manual_seed(1 + i) for i in range(len(shapes))]
 
     def factory(make):
-        def build():
+        def build():  # the same initial values for every candidate
+            init = torch.Generator(device=device).manual_seed(1)
             params = []
-            for s, g, gi in zip(shapes, grads, inits):
-                p = torch.nn.Parameter(_randn(s, gi.manual_seed(gi.initial_seed()), device, 0.02))
+            for s, g in zip(shapes, grads):
+                p = torch.nn.Parameter(_randn(s, init, device, 0.02))
                 p.grad = g
                 params.append(p)
             opt = make(params)
