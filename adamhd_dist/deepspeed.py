@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .collectives import all_reduce_sums
 from .deltas import layer_deltas, register_layer_deltas
 from .fsutil import atomic_write
 from .grouping import param_groups as default_param_groups
@@ -46,6 +48,7 @@ __all__ = ["initialize", "load_config", "adamhd_kwargs", "attach_layout", "full_
 
 LAYER_STATE_FILE = "adamhd_layer_state.pt"
 ADAMHD_PARAMS = tuple(k for k in inspect.signature(AdamHD.__init__).parameters if k not in ("self", "params"))
+_ADAMHD_DEFAULT_WD = inspect.signature(AdamHD.__init__).parameters["weight_decay"].default
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def check_config(cfg: dict) -> None:
     """Refuse, before any work, the settings under which AdamHD's per-layer δ could not be exact."""
     z = _zero_section(cfg)
     stage = z.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if type(stage) is not int or stage not in (0, 1, 2, 3):  # not True / 2.0
         raise ValueError(f'config "zero_optimization.stage" must be 0, 1, 2 or 3, got {stage!r}')
     off = z.get("offload_optimizer") or {}
     if not isinstance(off, dict):
@@ -125,10 +128,16 @@ def check_config(cfg: dict) -> None:
     if device == "cpu" and stage not in (2, 3):
         raise ValueError(f'optimizer offload needs ZeRO stage 2 or 3, the config has stage {stage}')
     ratio = off.get("ratio", 1.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise ValueError(f'config "zero_optimization.offload_optimizer.ratio" must be a number (1.0 with AdamHD), '
+                         f"got {ratio!r}")
     if device == "cpu" and float(ratio) != 1.0:
         raise ValueError(f'config "zero_optimization.offload_optimizer.ratio" = {ratio}: partial offload steps part '
                          f"of the model with a second optimizer; AdamHD needs ratio 1.0")
-    if int(z.get("mics_shard_size", -1) or -1) > 0:
+    mics = z.get("mics_shard_size", -1)
+    if mics is not None and (isinstance(mics, bool) or not isinstance(mics, int)):
+        raise ValueError(f'config "zero_optimization.mics_shard_size" must be an integer (-1: off), got {mics!r}')
+    if mics is not None and mics > 0:
         raise ValueError('config "zero_optimization.mics_shard_size": MiCS is not supported with AdamHD')
     if z.get("zenflow"):
         raise ValueError('config "zero_optimization.zenflow" is not supported with AdamHD')
@@ -162,7 +171,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike, model_p
     kw = adamhd_kwargs(cfg)
     check_config(cfg)
     if model_parameters is None:
-        groups = default_param_groups(model, kw.get("weight_decay", 1e-2))
+        groups = default_param_groups(model, kw.get("weight_decay", _ADAMHD_DEFAULT_WD))
     else:
         groups = list(model_parameters)
     optimizer = AdamHD(groups, **kw)  # validates every hyperparameter before DeepSpeed starts
@@ -191,15 +200,9 @@ def _names_by_id(module: torch.nn.Module) -> dict[int, str]:
 
 
 def _all_reduce_fn(group):
-    def reduce(sums: Tensor) -> Tensor:
-        device = sums.device
-        if dist.get_backend(group) == "nccl" and device.type != "cuda":
-            t = sums.to(torch.device("cuda", torch.cuda.current_device()))
-        else:
-            t = sums.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        return t.to(device)
-    return reduce
+    # NCCL has no CPU tensors: an offloaded (CPU) layout's sums then go through the current GPU
+    fallback = "cuda" if dist.get_backend(group) == "nccl" else None
+    return lambda sums: all_reduce_sums(sums, group, fallback or sums.device.type)
 
 
 def _layout_stage12(zopt, names: dict[int, str], lp_groups, flat_parts, rr_groups, rr_offsets, rank):
@@ -374,8 +377,7 @@ def _wrap_checkpointing(engine, opt: AdamHD) -> None:
             if not latest.is_file():
                 return load(load_dir, tag, *args, **kwargs)
             tag = latest.read_text().strip()
-        side_path = Path(load_dir) / str(tag) / LAYER_STATE_FILE
-        side = torch.load(side_path, map_location="cpu", weights_only=True) if side_path.is_file() else None
+        side = _read_side(Path(load_dir) / str(tag) / LAYER_STATE_FILE)
         world = dist.get_world_size(group=engine._adamhd_dp_group)
         wants_optim = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
         if side is not None and wants_optim and side["world_size"] != world:
@@ -402,6 +404,26 @@ def _wrap_checkpointing(engine, opt: AdamHD) -> None:
     engine._adamhd_ckpt_wrapped = True
 
 
+def _load_file(path: Path, *, weights_only: bool = False):
+    """torch.load of a checkpoint file; an unreadable or truncated one is a ValueError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot read checkpoint file {str(path)!r}: {type(e).__name__}: {e}") from None
+
+
+def _read_side(path: Path) -> dict | None:
+    """The AdamHD side file of a tag folder (None when absent), checked."""
+    if not path.is_file():
+        return None
+    side = _load_file(path, weights_only=True)
+    missing = [k for k in ("layer_state", "world_size", "zero_stage") if not isinstance(side, dict) or k not in side]
+    if missing:
+        raise ValueError(f"checkpoint file {str(path)!r} is not an AdamHD layer-state file (format 1): it lacks "
+                         f"{missing}")
+    return side
+
+
 def _rank_of(path: Path) -> int:
     m = re.search(r"zero_pp_rank_(\d+)_", path.name)
     return int(m.group(1)) if m else -1
@@ -414,9 +436,11 @@ def _optim_files(tag_dir: Path) -> list[Path]:
     return files
 
 
-def _saved_partitions(sd: dict):
+def _saved_partitions(sd: dict, path: Path):
     """(inner AdamHD state_dict, list of fp32 master partitions) of one rank's ZeRO optimizer file."""
-    osd = sd["optimizer_state_dict"]
+    osd = sd.get("optimizer_state_dict") if isinstance(sd, dict) else None
+    if not isinstance(osd, dict):
+        raise ValueError(f"{str(path)!r} is not a DeepSpeed ZeRO optimizer state file (no optimizer_state_dict)")
     inner = osd.get("base_optimizer_state", osd.get("optimizer_state_dict"))
     masters = osd.get("single_partition_of_fp32_groups", osd.get("fp32_flat_groups"))
     if not isinstance(inner, dict) or "flat_layout" not in inner or masters is None:
@@ -429,8 +453,7 @@ def iter_saved_fragments(tag_dir: Path):
     """Yield ``(layer name, offset, {"param", "exp_avg", "exp_avg_sq"}: 1-D fp32 pieces, step)`` for every piece
     of every layer in a ZeRO checkpoint written through this module, one rank file at a time."""
     for path in _optim_files(tag_dir):
-        sd = torch.load(path, map_location="cpu", weights_only=False)
-        inner, masters = _saved_partitions(sd)
+        inner, masters = _saved_partitions(_load_file(path), path)
         for idx, meta in inner["flat_layout"].items():
             st = inner["state"].get(idx, {})
             master = masters[meta["engine_index"]].detach().reshape(-1)
@@ -442,7 +465,7 @@ def iter_saved_fragments(tag_dir: Path):
                         pieces[key] = st[key].reshape(-1)[start:start + numel]
                 yield name, offset, pieces, step
         yield None, None, {"layer_state": inner.get("layer_state", {})}, None
-        del sd
+        del inner, masters  # one rank file in memory at a time
 
 
 @torch.no_grad()
@@ -508,7 +531,7 @@ def _load_stage3_resharded(engine, opt: AdamHD, tag_dir: Path, load_lr_scheduler
     first = None
     pieces: dict[str, list[Tensor]] = {}
     for path in files:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = _load_file(path)
         first = sd if first is None else first
         for name, frag in (sd.get("frozen_param_fragments") or {}).items():
             pieces.setdefault(name, []).append(frag.reshape(-1))
@@ -583,7 +606,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     part loads into the unwrapped model with ``model.load_state_dict``."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     mfiles = _model_state_files(tag_dir)
-    first = torch.load(mfiles[0], map_location="cpu", weights_only=False)
+    first = _load_file(mfiles[0])
     shapes: dict[str, tuple] = {}
     for group in first.get("param_shapes") or []:
         shapes.update({k: tuple(v) for k, v in group.items()})
@@ -604,7 +627,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
         covered[name] = covered.get(name, 0) + pieces["param"].numel()
         if step is not None:
             steps[name] = float(step)
-    for name, n in covered.items():
+    for name in shapes:
+        n = covered.get(name, 0)
         if n != math.prod(shapes[name]):
             raise ValueError(f"checkpoint {str(tag_dir)!r} holds {n} of the {math.prod(shapes[name])} elements of "
                              f"{name!r}: a rank file is missing")
@@ -613,7 +637,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     frozen_shapes = first.get("frozen_param_shapes") or {}
     frozen_frags: dict[str, list[Tensor]] = {}
     for path in mfiles:
-        sd = first if path == mfiles[0] else torch.load(path, map_location="cpu", weights_only=False)
+        sd = first if path == mfiles[0] else _load_file(path)
         for k, v in (sd.get("frozen_param_fragments") or {}).items():
             frozen_frags.setdefault(k, []).append(v.reshape(-1))
     for name, shape in frozen_shapes.items():
@@ -644,10 +668,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
 
 
 def _saved_zero_stage(tag_dir: Path):
-    side = tag_dir / LAYER_STATE_FILE
-    if side.is_file():
-        return torch.load(side, map_location="cpu", weights_only=True).get("zero_stage")
-    return None
+    side = _read_side(tag_dir / LAYER_STATE_FILE)
+    return None if side is None else side["zero_stage"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -662,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
     ex.add_argument("--out", required=True, help="output file (.pt), written atomically")
     args = parser.parse_args(argv)
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} is a folder: give a file path (.pt)")
     try:
         result = export_checkpoint(args.checkpoint_dir, args.tag, args.out)
     except (FileNotFoundError, ValueError) as e:

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from .stats import ema_delta
+
 __all__ = ["layer_deltas", "register_layer_deltas"]
 
 _HANDLERS: list[tuple[Callable[[Any], bool], Callable[[Any], dict]]] = []
@@ -41,18 +43,26 @@ def layer_deltas(obj) -> dict[str | int, float]:
         for j, p in enumerate(group["params"]):
             key = names[j] if names is not None else index
             index += 1
-            if float(group["weight_decay"]) == 0.0:
-                continue
-            mode = group["delta_mode"]
             state = obj.state.get(p, {})
-            if mode == "constant":
-                out[key] = float(group["delta"])
-            elif mode == "ema" and "delta_ema" in state:
-                mu = torch.as_tensor(state["delta_ema"], dtype=torch.float32)
-                out[key] = float((float(group["delta_scale"]) * mu.double()).float())
-            elif p in last:
-                out[key] = last[p]
+            mu = state["delta_ema"] if "delta_ema" in state else None
+            d = _delta_of(group, mu, last.get(p))
+            if d is not None:
+                out[key] = d
     return out
+
+
+def _delta_of(group: dict, mu, last: float | None) -> float | None:
+    """A layer's current δ: None without weight decay, or while unknown (no step yet and not constant)."""
+    if float(group["weight_decay"]) == 0.0:
+        return None
+    mode = group["delta_mode"]
+    if mode == "constant":
+        return float(group["delta"])
+    if mode == "ema":
+        if mu is None:
+            return None
+        return float(ema_delta(torch.as_tensor(mu, dtype=torch.float32), float(group["delta_scale"])))
+    return last
 
 
 def _flat_layout_deltas(opt) -> dict[str, float]:
@@ -61,14 +71,8 @@ def _flat_layout_deltas(opt) -> dict[str, float]:
     mu, has_mu, last = lay.mu.cpu(), lay.has_mu.cpu(), lay.delta.cpu()
     out: dict[str, float] = {}
     for i, name in enumerate(lay.names):
-        group = opt.param_groups[lay.groups[i]]
-        if float(group["weight_decay"]) == 0.0:
-            continue
-        mode = group["delta_mode"]
-        if mode == "constant":
-            out[name] = float(group["delta"])
-        elif mode == "ema" and bool(has_mu[i]):
-            out[name] = float((float(group["delta_scale"]) * mu[i].double()).float())
-        elif mode == "mean_abs" and not torch.isnan(last[i]):
-            out[name] = float(last[i])
+        d = _delta_of(opt.param_groups[lay.groups[i]], mu[i] if bool(has_mu[i]) else None,
+                      None if torch.isnan(last[i]) else float(last[i]))
+        if d is not None:
+            out[name] = d
     return out

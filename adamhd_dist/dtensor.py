@@ -26,35 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-__all__ = ["install_dtensor_hooks", "is_dtensor", "DTensorLayerStats", "collective_device_type"]
+from .collectives import all_reduce_sums
+
+__all__ = ["install_dtensor_hooks", "is_dtensor", "DTensorLayerStats"]
 
 
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
     return isinstance(t, DTensor)
-
-
-def collective_device_type(group, mesh_device_type: str, tensor_device_type: str) -> str:
-    """The device type the sums tensor must be on for ``group``'s collective: its own when the group has a
-    backend for it (gloo: CPU; "cpu:gloo,cuda:nccl": both), else the mesh's (NCCL: CUDA)."""
-    try:
-        supported = {d.type for d in group._device_types}
-    except AttributeError:
-        supported = {mesh_device_type}
-    if tensor_device_type in supported:
-        return tensor_device_type
-    return mesh_device_type if mesh_device_type in supported else sorted(supported)[0]
-
-
-def _current_device(device_type: str) -> torch.device:
-    if device_type == "cpu":
-        return torch.device("cpu")
-    handle = getattr(torch, device_type, None)
-    return torch.device(device_type, handle.current_device() if hasattr(handle, "current_device") else 0)
 
 
 @dataclass(frozen=True)
@@ -186,11 +168,7 @@ class DTensorLayerStats:
         return self._weights
 
     def _all_reduce(self, sums: Tensor, plan: _Plan) -> Tensor:
-        device_type = collective_device_type(plan.group, plan.mesh.device_type, sums.device.type)
-        device = sums.device if device_type == sums.device.type else _current_device(device_type)
-        buf = sums.to(device, copy=True)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=plan.group)
-        return buf.to(sums.device)
+        return all_reduce_sums(sums, plan.group, plan.mesh.device_type)
 
 
 def install_dtensor_hooks(optimizer) -> DTensorLayerStats:

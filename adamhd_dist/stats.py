@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DELTA_MODES", "layer_abs_sums", "update_deltas"]
+__all__ = ["DELTA_MODES", "ema_delta", "layer_abs_sums", "update_deltas"]
 
 DELTA_MODES = ("ema", "mean_abs", "constant")
 
@@ -118,4 +118,9 @@ def update_deltas(
         prev = mus.to(device, torch.float64)
         new_mu = torch.where(has, beta * prev + (1.0 - beta) * s, s)
     new_mu32 = new_mu.to(torch.float32)
-    return (scale * new_mu32.to(torch.float64)).to(torch.float32), new_mu32
+    return ema_delta(new_mu32, scale), new_mu32
+
+
+def ema_delta(mu: Tensor, scale: float) -> Tensor:
+    """δ = c·μ of the ``"ema"`` rule, from the stored fp32 μ (fp64 product, rounded to fp32 once)."""
+    return (scale * mu.to(torch.float64)).to(torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -210,6 +211,37 @@ def test_export_command_writes_full_model_and_optimizer_state(world2, tmp_path):
     assert exported["global_steps"] == 5 and exported["world_size"] == 2 and exported["zero_stage"] == 2
 
 
+def test_export_refuses_damaged_checkpoints(world2, tmp_path):
+    """A missing rank file, a truncated one, a foreign side file and an --out folder: a message naming the file or
+    the option, never a traceback, and nothing written."""
+    _, ck = world2
+
+    def export(src, out=None):
+        out = out or tmp_path / "x.pt"
+        proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(src), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(os.path.join(ck, "ck_zero2"), dst)
+        return dst, next(d for d in dst.iterdir() if d.is_dir())
+
+    src, tag = copy("missing")
+    sorted(tag.glob("*zero_pp_rank_1_*optim_states.pt"))[0].unlink()
+    assert "a rank file is missing" in export(src)
+    src, tag = copy("truncated")
+    f = sorted(tag.glob("*zero_pp_rank_1_*optim_states.pt"))[0]
+    f.write_bytes(f.read_bytes()[:1000])
+    assert "cannot read checkpoint file" in export(src) and f.name in export(src)
+    src, tag = copy("side")
+    torch.save({"something": 1}, tag / ads.LAYER_STATE_FILE)
+    assert "is not an AdamHD layer-state file" in export(src)
+    assert "is a folder" in export(os.path.join(ck, "ck_zero2"), out=tmp_path)
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -283,6 +315,11 @@ def _zero(**over):
     (lambda p: _zero(stage=1, offload_optimizer={"device": "cpu"}), ValueError, "offload needs ZeRO stage 2 or 3"),
     (lambda p: _zero(stage=4), ValueError, "must be 0, 1, 2 or 3"),
     (lambda p: _zero(stage=3, mics_shard_size=2), ValueError, "MiCS"),
+    (lambda p: _zero(stage=True), ValueError, "must be 0, 1, 2 or 3"),
+    (lambda p: _zero(stage=2.0), ValueError, "must be 0, 1, 2 or 3"),
+    (lambda p: _zero(offload_optimizer={"device": "cpu", "ratio": "half"}), ValueError,
+     r'"zero_optimization.offload_optimizer.ratio" must be a number'),
+    (lambda p: _zero(mics_shard_size="x"), ValueError, r'"zero_optimization.mics_shard_size" must be an integer'),
 ])
 def test_bad_config_is_refused_before_training(tmp_path, config, error, match):
     with pytest.raises(error, match=match):
