@@ -30,13 +30,14 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from .ports import free_port
 
 __all__ = [
     "ARMS",
@@ -365,12 +366,6 @@ def plan_runs(cfg: CompareConfig) -> list[RunSpec]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # running
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -478,7 +473,7 @@ def execute(runs: list[RunSpec], cfg: CompareConfig, *, say: Callable[[str], Non
                         continue
                     run.run_dir.mkdir(parents=True, exist_ok=True)
                     (run.run_dir / "compare_spec.json").write_text(json.dumps(_spec(run, cfg), indent=1) + "\n")
-                    cmd = command_for(run, cfg, _free_port())
+                    cmd = command_for(run, cfg, free_port())
                     log = open(run.run_dir / "launcher.log", "w")
                     log.write("$ " + shlex.join(cmd) + "\n")
                     log.flush()
@@ -564,12 +559,6 @@ def load_final_weights(run_dir: Path | str, step: Optional[int] = None) -> dict:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=folder.name))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    from .metrics import read_metrics
-
-    return read_metrics(path)
-
-
 def _prepare(cfg: CompareConfig, *, say: Callable[[str], None]) -> Any:
     from .data import prepare_data
 
@@ -602,6 +591,7 @@ def collect(runs: list[RunSpec], status: dict[str, dict], cfg: CompareConfig, da
     from .analysis import decayed_tensors, layer_type, magnitude_histograms, prune_model_, small_weight_fraction
     from .data import ValBatches
     from .manifest import read_manifest
+    from .metrics import read_metrics
     from .models import build_model
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -618,12 +608,12 @@ def collect(runs: list[RunSpec], status: dict[str, dict], cfg: CompareConfig, da
                                "returncode": st.get("returncode"), "wall_s": st.get("wall_s"),
                                "threads": st.get("threads"), "reused": st.get("reused", False), "ok": False}
         results.append(res)
-        metrics = _read_jsonl(run.run_dir / "metrics.jsonl")
+        metrics = read_metrics(run.run_dir / "metrics.jsonl")
         res["curve"] = [{k: r.get(k) for k in ("step", "tokens", "elapsed_s", "val_loss")}
                         for r in metrics if r.get("val_loss") is not None]
         res["train"] = [{k: r.get(k) for k in ("step", "tokens", "loss", "grad_norm")} for r in metrics]
-        res["deltas"] = _read_jsonl(run.run_dir / "deltas.jsonl")
-        res["events"] = _read_jsonl(run.events_file) if run.outliers else []
+        res["deltas"] = read_metrics(run.run_dir / "deltas.jsonl")
+        res["events"] = read_metrics(run.events_file) if run.outliers else []
         if (run.run_dir / "manifest.json").is_file():
             man = read_manifest(run.run_dir / "manifest.json")
             res["parameters"] = man.get("derived", {}).get("parameters")

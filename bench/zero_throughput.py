@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,12 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from adamhd_dist.ports import free_port  # noqa: E402
 
 
 def _config(name: str, args, world: int, device: str) -> dict:
@@ -109,8 +103,9 @@ def rank_main(args) -> None:
         train(engine, 1)  # warm-up (kernel builds, lazy state)
     if args.task == "throughput":
         times = {k: [] for k in engines}
-        for _ in range(args.rounds):
-            for key, engine in engines.items():
+        for r in range(args.rounds):
+            order = list(engines.items())
+            for key, engine in (order if r % 2 == 0 else order[::-1]):  # alternate who goes first
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
                 train(engine, args.steps)
@@ -133,7 +128,7 @@ def rank_main(args) -> None:
 
 def launch(args, task: str, world: int) -> list[dict]:
     """Run ``task`` on ``world`` local ranks (CPU processes, or one per GPU) and return their outputs."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for rank in range(world):
@@ -188,7 +183,7 @@ def main() -> None:
     print(f"ZeRO-2 AdamHD vs ZeRO-2 AdamW, model {args.model}, {args.world} rank(s), micro-batch {args.micro_batch} "
           f"x {args.seq_len} tokens per rank", flush=True)
     first = launch(args, "throughput", args.world)[0]
-    thr, inner = first["tokens_per_s"], first["inner_optimizer"]
+    thr, inner, rounds = first["tokens_per_s"], first["inner_optimizer"], first["rounds_s"]
     mem = {k: max(r["peak_bytes"] for r in launch(args, f"memory:{k}", args.world)) for k in ("adamhd", "adamw")}
     worlds = [w for w in (1, 2, 4) if not ngpu or w <= ngpu]
     state = {k: {w: launch(args, f"state:{k}", w)[0]["state_bytes"] for w in worlds} for k in ("adamhd", "adamw")}
@@ -197,6 +192,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(sys.argv), "device": device, "model": args.model, "world": args.world,
         "inner_optimizer": inner, "tokens_per_s": thr, "tokens_per_s_ratio": thr["adamhd"] / thr["adamw"],
+        "rounds_s": rounds,
         "peak_bytes": mem, "peak_memory_ratio": mem["adamhd"] / mem["adamw"],
         "optimizer_state_bytes_rank0": state, "seconds": time.time() - t0,
     }

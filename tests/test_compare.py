@@ -221,12 +221,12 @@ def test_end_to_end_numbers(e2e):
         assert r["tokens"] == 6 * 512 and math.isfinite(r["final_val_loss"])
         assert r["curve"][-1]["step"] == r["max_steps"]
     assert runs["large-batch-adamw-s0"]["max_steps"] == 3
-    # pruning: the achieved sparsity is the requested one, and the loss of the unpruned model is the final loss
+    # pruning: the achieved sparsity is the requested one, and pruning more costs loss
     for opt in ("adamhd", "adamw"):
         prune = runs[f"baseline-{opt}-s0"]["pruning"]
         assert [p["sparsity"] for p in prune] == [0.0, 0.25, 0.5]
         assert [p["achieved"] for p in prune] == pytest.approx([0.0, 0.25, 0.5], abs=1e-6)
-        assert prune[0]["val_loss"] == runs[f"baseline-{opt}-s0"]["final_val_loss"]
+        assert prune[0]["val_loss"] < prune[2]["val_loss"]
         hist = runs[f"baseline-{opt}-s0"]["histograms"]
         assert set(hist) == {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "embedding"}
         assert all(sum(h["counts"]) == h["numel"] for h in hist.values())
