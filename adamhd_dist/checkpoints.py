@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .fsutil import atomic_write, fsync_dir, fsync_tree
+from .fsutil import atomic_write, fsync_tree
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state"]
@@ -85,10 +85,7 @@ def commit_checkpoint(root: Path | str, step: int) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(tag_for(step) + "\n")
-    os.replace(latest_tmp, root / "latest")
-    fsync_dir(root)
+    atomic_write(root / "latest", lambda f: f.write(tag_for(step) + "\n"))
     return final
 
 
@@ -119,4 +116,11 @@ def read_trainer_state(folder: Path | str) -> dict[str, Any]:
     path = Path(folder) / TRAINER_STATE
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} is not a complete checkpoint of this launcher (no {TRAINER_STATE})")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint's trainer state: {e}") from None
+    missing = [k for k in ("step", "tokens", "sampler") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a trainer state of this launcher: it lacks {missing}")
+    return state

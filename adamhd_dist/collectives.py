@@ -38,3 +38,4 @@ def all_reduce_sums(sums: Tensor, group, fallback_device_type: str) -> Tensor:
     buf = sums.to(device, copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     return buf.to(sums.device)
+

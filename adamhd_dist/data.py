@@ -875,11 +875,6 @@ class TokenSampler:
         first = self.consumed_samples + self.rank * self.micro_batch
         return np.arange(first, first + self.micro_batch, dtype=np.int64)
 
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next sample to be drawn by rank 0."""
-        return self.consumed_samples // self.num_windows
-
     def __iter__(self) -> "TokenSampler":
         return self
 

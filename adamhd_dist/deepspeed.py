@@ -56,6 +56,7 @@ _ADAMHD_DEFAULT_WD = inspect.signature(AdamHD.__init__).parameters["weight_decay
 def load_config(config: dict | str | os.PathLike) -> dict:
     """A DeepSpeed config as a dict (a deep copy), from a dict or a JSON file, with a clear error otherwise."""
     if isinstance(config, dict):
+        _check_sections(config, "(dict)")
         return copy.deepcopy(config)
     if not isinstance(config, (str, os.PathLike)):
         raise TypeError(f"config must be a dict or a path to a JSON file, got {type(config).__name__}")
@@ -69,7 +70,21 @@ def load_config(config: dict | str | os.PathLike) -> dict:
                          f"column {e.colno}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"DeepSpeed config {str(path)!r} must hold a JSON object, got {type(cfg).__name__}")
+    _check_sections(cfg, str(path))
     return cfg
+
+
+def _check_sections(cfg: dict, where: str) -> None:
+    """The shapes DeepSpeed and this module read before anything else: named, not a traceback later."""
+    for key in ("optimizer", "scheduler", "zero_optimization", "bf16", "bfloat16", "fp16"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise ValueError(f'DeepSpeed config {where!r}: "{key}" must be an object ({{...}}), got {cfg[key]!r}')
+    opt = cfg.get("optimizer") or {}
+    if "params" in opt and not isinstance(opt["params"], dict):
+        raise ValueError(f'DeepSpeed config {where!r}: "optimizer.params" must be an object, got {opt["params"]!r}')
+    clip = cfg.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))):
+        raise ValueError(f'DeepSpeed config {where!r}: "gradient_clipping" must be a number, got {clip!r}')
 
 
 def is_adamhd_config(cfg: dict) -> bool:

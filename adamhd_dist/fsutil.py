@@ -28,7 +28,8 @@ def fsync_tree(folder: Path | str) -> None:
 
 
 def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool = False) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, rename it over ``path`` and flush
+    the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +40,7 @@ def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself (and any renames into the folder before it) reach the disk
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

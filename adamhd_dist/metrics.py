@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 from pathlib import Path
 from typing import Any, Optional
+
+from .fsutil import atomic_write
 
 __all__ = ["METRICS_FILE", "DELTAS_FILE", "PLOT_FILE", "MetricsLog", "read_metrics", "delta_summary",
            "peak_flops", "plot_loss_curve"]
@@ -60,7 +61,22 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [rec for _, rec in _parsed_lines(path)]
+
+
+def _parsed_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete line; a last line cut short (the run was killed while appending it) is
+    dropped, any other unreadable line is an error naming the file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{str(path)!r} line {i + 1} is not a JSON record") from None
+    return out
 
 
 def delta_summary(deltas: dict) -> dict[str, float]:
@@ -140,11 +156,8 @@ class MetricsLog:
             path = Path(run_dir) / name
             if not path.is_file():
                 continue
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            keep = [line for line, rec in _parsed_lines(path) if rec.get("step", 0) <= step]
+            atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep)))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one step's record (``step`` and ``tokens`` required) and mirror its numbers to TensorBoard."""
@@ -211,8 +224,6 @@ def plot_loss_curve(run_dir: Path | str, *, title: Optional[str] = None) -> Opti
     ax.set_title(title or run_dir.name, fontsize=10)
     fig.tight_layout()
     out = run_dir / PLOT_FILE
-    tmp = out.with_name(".loss_curve.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(out, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -26,12 +26,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from .ports import free_port
 
 __all__ = [
     "TrainSettings",
@@ -44,6 +45,7 @@ __all__ = [
     "GPT3_TRAIN_TOKENS",
     "GPT3_RAMP_TOKENS",
     "launch_context",
+    "parse_count",
     "resolve_settings",
     "check_resume",
     "train",
@@ -65,6 +67,28 @@ FSDP_MICRO_BATCH = 8
 
 class SettingsError(ValueError):
     """A bad option or combination of options, found before any work starts; the message names the option."""
+
+
+def parse_count(text: str) -> int:
+    """A whole count from the command line, with an optional k/M/B/G/T suffix or in exponent form: 4096, 375M, 4B,
+    32k, 2.6e11, 1_000. Raises ``argparse.ArgumentTypeError`` (argparse then names the flag)."""
+    import argparse
+
+    t = text.strip().replace("_", "").replace(",", "")
+    scale = {"k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    if scale != 1:
+        t = t[:-1]
+    try:
+        value = int(t) * scale  # exact for large integers
+    except ValueError:
+        try:
+            f = float(t) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 4096, 375M, 4B)") from None
+        if not math.isfinite(f) or f != int(f):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        value = int(f)
+    return value
 
 
 @dataclass
@@ -261,12 +285,6 @@ def launch_context(on_gpu: Optional[bool] = None) -> LaunchContext:
     return LaunchContext(rank, world, local, local_world, launcher, bool(on_gpu))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # settings
 @dataclass
@@ -450,7 +468,12 @@ def resolve_settings(
     opt_params = (ds_source or {}).get("optimizer", {}).get("params", {}) if ds_source else {}
     opt_params = opt_params if isinstance(opt_params, dict) else {}
     lr = float(given.get("lr", spec.lr))
-    weight_decay = float(given.get("weight_decay", opt_params.get("weight_decay", GPT3_WEIGHT_DECAY)))
+    weight_decay = opt_params.get("weight_decay", GPT3_WEIGHT_DECAY) if "weight_decay" not in given \
+        else given["weight_decay"]
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise SettingsError(f'"optimizer.params.weight_decay" of the DeepSpeed config must be a number, '
+                            f"got {weight_decay!r}")
+    weight_decay = float(weight_decay)
     grad_clip = float(given.get("grad_clip", (ds_source or {}).get("gradient_clipping", GPT3_GRAD_CLIP)))
 
     # precision
@@ -772,7 +795,7 @@ def _init_process_group(s: TrainSettings, ctx: LaunchContext, master_port: Optio
 
     if ctx.launcher == "single process":
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR=os.environ.get("MASTER_ADDR",
-                          "127.0.0.1"), MASTER_PORT=str(master_port or _free_port()))
+                          "127.0.0.1"), MASTER_PORT=str(master_port or free_port()))
     backend = "nccl" if ctx.on_gpu else "gloo"
     if ctx.on_gpu:
         torch.cuda.set_device(ctx.local_rank)
@@ -845,11 +868,16 @@ def _describe_start(run: ResolvedRun, ctx: LaunchContext, data, model, groups, r
         lines.append(f"  batch ramp: none{' [' + src['ramp_tokens'] + ']' if src else ''}")
     lines.append(f"precision: {s.dtype}; activation checkpointing {'on' if s.activation_checkpointing else 'off'}; "
                  f"gradient clipping at global norm {s.grad_clip:g}")
-    kw = run.adamhd_kwargs
-    lines.append(f"optimizer: peak LR {s.lr:g}, betas {tuple(kw.get('betas', ()))}, eps {kw.get('eps', 1e-8):g}, "
+    import inspect
+
+    from .optimizer import AdamHD
+
+    defaults = {k: v.default for k, v in inspect.signature(AdamHD.__init__).parameters.items()}
+    kw = {**defaults, **run.adamhd_kwargs}  # what the optimizer will use, its own defaults included
+    lines.append(f"optimizer: peak LR {s.lr:g}, betas {tuple(kw['betas'])}, eps {kw['eps']:g}, "
                  f"weight decay {s.weight_decay:g}"
-                 + (f", delta_mode {kw.get('delta_mode', 'ema')}, delta_scale {kw.get('delta_scale', 1.5):g}, "
-                    f"decay {kw.get('decay', 'prox')}" if d["optimizer_type"].lower() == "adamhd" else ""))
+                 + (f", delta_mode {kw['delta_mode']}, delta_scale {kw['delta_scale']:g}, "
+                    f"decay {kw['decay']}" if d["optimizer_type"].lower() == "adamhd" else ""))
     lines.append(f"schedule: LR warmup {s.warmup_tokens:,} tokens{' [' + src['warmup_tokens'] + ']' if src else ''}, "
                  f"cosine to {s.min_lr_ratio:.0%} of peak at {s.decay_tokens:,} tokens"
                  f"{' [' + src['decay_tokens'] + ']' if src else ''}")
@@ -917,8 +945,11 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
     _quiet_libraries()
 
     # data (every rank; the cache's file lock makes one of them build it)
-    data = prepare_data(s.data, tokenizer=s.tokenizer, vocab_size=s.vocab_size, cache_dir=s.data_cache,
-                        val_fraction=s.val_fraction, max_chars=s.max_chars, progress=ctx.is_main)
+    try:
+        data = prepare_data(s.data, tokenizer=s.tokenizer, vocab_size=s.vocab_size, cache_dir=s.data_cache,
+                            val_fraction=s.val_fraction, max_chars=s.max_chars, progress=ctx.is_main)
+    except (ValueError, OSError) as e:  # a bad file, an empty folder, a hub name or tokenizer out of reach
+        raise SettingsError(f"--data {s.data!r} / --tokenizer {s.tokenizer!r}: {e}") from None
     if expect_data_hash is not None and expect_data_hash != data.data_hash:
         raise SettingsError(f"the data differs from the manifest's (data hash {expect_data_hash[:12]} -> "
                             f"{data.data_hash[:12]}): the corpus, the tokenizer or the Python version (which "

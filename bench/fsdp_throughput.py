@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,16 +37,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from adamhd_dist.ports import free_port  # noqa: E402
 
 HP = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 CANDIDATES = ("AdamW", "AdamHD")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _device() -> torch.device:
@@ -231,7 +225,7 @@ def _launch(mode: str, world: int, args):
 
     with tempfile.TemporaryDirectory(prefix="fsdp-bench-") as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, _free_port(), mode, args, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), mode, args, out), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
 
 

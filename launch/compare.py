@@ -37,22 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from adamhd_dist.train import parse_count as count  # noqa: E402
+
 PROG = "compare.py"
-
-
-def count(text: str) -> int:
-    """An integer count with an optional k/M/B suffix: 4096, 4M, 2k."""
-    t = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9}.get(t[-1:], 1)
-    if scale != 1:
-        t = t[:-1]
-    try:
-        value = float(t) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 4096, 4M, 2k)") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(value)
 
 
 def _csv(text: str) -> tuple[str, ...]:

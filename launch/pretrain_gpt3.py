@@ -44,22 +44,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from adamhd_dist.train import parse_count as count  # noqa: E402
+
 PROG = "pretrain_gpt3.py"
 
 
-def count(text: str) -> int:
-    """An integer count with an optional k/M/B suffix or in exponent form: 375M, 4B, 32k, 2.6e11."""
-    t = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
-    if scale != 1:
-        t = t[:-1]
+def port(text: str) -> int:
     try:
-        value = float(t) * scale
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 4096, 375M, 4B)") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(value)
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "sheet, or a CPU estimate)")
     r.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="* do not write TensorBoard scalars")
-    r.add_argument("--master-port", type=int, help="port of rank 0 when this script finds its ranks itself "
+    r.add_argument("--master-port", type=port, help="port of rank 0 when this script finds its ranks itself "
                                                    "(mpirun, or one process); launchers use their own --master_port")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return ap

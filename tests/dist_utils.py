@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from adamhd_dist.ports import free_port  # noqa: F401  (the tests import it from here)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -46,11 +47,6 @@ except Exception:
 """
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (each test gets its own)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world_size: int, port: int, extra: dict | None = None) -> dict:

@@ -9,8 +9,10 @@ size, CPU); FSDP2 computes the same steps up to reduction order, and an FSDP2 ru
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import launch_runs as lr
-from dist_utils import ROOT
+from dist_utils import ROOT, free_port
 
 sys.path.insert(0, str(ROOT / "launch"))
 import pretrain_gpt3  # noqa: E402
@@ -356,8 +358,12 @@ def test_world_size_must_divide_the_batch():
 def test_token_counts_accept_suffixes():
     assert [pretrain_gpt3.count(x) for x in ("4096", "375M", "4B", "32k", "2.6e11", "1_000")] == [
         4096, 375_000_000, 4_000_000_000, 32_000, 260_000_000_000, 1000]
+    assert pretrain_gpt3.count("123456789012345678901") == 123456789012345678901  # exact, not through a float
     with pytest.raises(Exception, match="not a count"):
         pretrain_gpt3.count("lots")
+    for bad in ("inf", "1e400", "nan", "2.5"):
+        with pytest.raises(Exception, match="not a whole number"):
+            pretrain_gpt3.count(bad)
 
 
 def test_checkpoint_folder_ignores_partial_saves(tmp_path):
@@ -372,6 +378,53 @@ def test_checkpoint_folder_ignores_partial_saves(tmp_path):
     assert (root / "latest").read_text().strip() == "step6"
     assert ck.remove_partials(root) == [root / ck.partial_tag(9)] and not (root / ck.partial_tag(9)).exists()
     assert ck.prune_checkpoints(root, keep=1) == [root / "step3"] and ck.list_checkpoints(root) == [(6, root / "step6")]
+
+
+def test_damaged_run_files_give_messages(tmp_path):
+    """A trainer state without its keys or with broken JSON names the file; a metrics file whose last line was cut
+    short by a kill still resumes (that line is dropped), a broken line elsewhere names its line."""
+    from adamhd_dist.metrics import MetricsLog, read_metrics
+
+    folder = tmp_path / "step3"
+    folder.mkdir()
+    (folder / ck.TRAINER_STATE).write_text('{"tokens": 5}')
+    with pytest.raises(ValueError, match=r"trainer_state.json.* lacks \['step', 'sampler'\]"):
+        ck.read_trainer_state(folder)
+    (folder / ck.TRAINER_STATE).write_text('{"step": 3,')
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint's trainer state"):
+        ck.read_trainer_state(folder)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+    MetricsLog.truncate(tmp_path, 1)
+    assert metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):
+        read_metrics(metrics)
+
+
+def test_bad_values_stop_before_any_work(tmp_path, capsys):
+    base = ["--deepspeed", str(ROOT / "ds_configs/zero2_adamhd.json"), "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        pretrain_gpt3.main(base + ["--master-port", "99999"])
+    assert "--master-port: '99999' is not a TCP port (1-65535)" in capsys.readouterr().err
+    cfg = tmp_path / "ds.json"
+    for text, match in (('{"optimizer": "AdamHD"}', '"optimizer" must be an object'),
+                        ('{"bf16": true}', '"bf16" must be an object'),
+                        ('{"gradient_clipping": "x"}', '"gradient_clipping" must be a number'),
+                        ('{"optimizer": {"type": "AdamHD", "params": {"weight_decay": "x"}}}',
+                         '"optimizer.params.weight_decay" of the DeepSpeed config must be a number')):
+        cfg.write_text(text)
+        assert pretrain_gpt3.main(["--deepspeed", str(cfg), "--out-dir", str(tmp_path / "run")]) == 2
+        assert match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # a data file the corpus reader refuses: the reader's message, under the flag, not a traceback
+    (tmp_path / "x.csv").write_text("a,b\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_gpt3.py"), *base, "--data",
+                           str(tmp_path / "x.csv"), "--master-port", str(free_port())], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, MASTER_ADDR="127.0.0.1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--data" in proc.stderr and "unsupported file type '.csv'" in proc.stderr
 
 
 def test_make_run_uses_the_deepspeed_launcher_on_two_cpu_ranks():
