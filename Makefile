@@ -38,7 +38,8 @@ bench: install
 # GPU machine's Python ($(GPU_PY)). The versions are those the test suite runs with.
 GPU_PY    ?= 3.12
 GPU_WHEELS = hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-             einops==0.8.2 msgpack==1.2.4 ninja==1.13.2 psutil==7.2.2 py-cpuinfo==9.0.0 tqdm==4.70.1 packaging==26.4
+             einops==0.8.2 msgpack==1.2.4 psutil==7.2.2 py-cpuinfo==9.0.0 packaging==26.4 \
+             $(shell grep -E '^(ninja|tqdm)==' constraints.txt)
 gpu-wheels: install
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -c constraints.txt -w .whl deepspeed

@@ -328,11 +328,10 @@ def _wrap_step(zopt, opt: AdamHD) -> None:
     zopt._adamhd_wrapped = True
 
 
-def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq"), *, dst: int | None = None
-               ) -> dict[str, dict[str, Tensor]]:
+def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq")) -> dict[str, dict[str, Tensor]]:
     """Whole fp32 tensors of every layer the optimizer updates, by parameter name: ``"param"`` (the fp32 master
     weights) and optimizer state keys, plus ``"delta_ema"`` (μ) where a layer has one. Collective: every rank of
-    the data-parallel group must call it; the result is complete on every rank (``dst=None``) or on ``dst`` only.
+    the data-parallel group must call it; the result is complete on every rank.
     Holds one whole copy per key in CPU memory: for analysis and export, not for the training loop."""
     opt = engine._adamhd_optimizer
     lay = opt.layout
@@ -351,10 +350,7 @@ def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq"
     for key in keys:
         buf = lay.scatter_local(lambda flat: flat if key == "param" else opt.state.get(flat, {}).get(key))
         if dist.get_world_size(group=group) > 1:
-            if dst is None:
-                dist.all_reduce(buf, group=group)
-            else:
-                dist.reduce(buf, dst=dist.get_global_rank(group, dst), group=group)
+            dist.all_reduce(buf, group=group)
         for name, t in lay.split_layers(buf).items():
             out[name][key] = t
     for name, st in lay.state_dict().items():
@@ -539,24 +535,14 @@ _ENGINE_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_p
 def _load_stage3_resharded(engine, opt: AdamHD, tag_dir: Path, load_lr_scheduler_states: bool = True):
     """Load a ZeRO-3 checkpoint written at another world size: frozen params from their saved per-rank pieces,
     trainable ones with their optimizer state through the layout, and the engine's counters and scheduler."""
-    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
-    if not files:
-        raise FileNotFoundError(f"no ZeRO-3 model state files (zero_pp_rank_*_mp_rank_00_model_states.pt) in "
-                                f"{str(tag_dir)!r}")
-    first = None
-    pieces: dict[str, list[Tensor]] = {}
-    for path in files:
-        sd = _load_file(path)
-        first = sd if first is None else first
-        for name, frag in (sd.get("frozen_param_fragments") or {}).items():
-            pieces.setdefault(name, []).append(frag.reshape(-1))
+    first, pieces = _model_states(tag_dir)
     rank = dist.get_rank(group=engine._adamhd_dp_group)
     for name, p in engine.module.named_parameters():
         if p.requires_grad:
             continue
         if name not in pieces:
             raise ValueError(f"checkpoint {str(tag_dir)!r} has no saved value for the frozen parameter {name!r}")
-        full = torch.cat(pieces[name])[:p.ds_numel]
+        full = pieces[name][:p.ds_numel]
         pn = p.partition_numel()
         part = full[rank * pn:(rank + 1) * pn]
         p.ds_tensor.data.view(-1)[:part.numel()].copy_(part.to(p.ds_tensor.dtype))
@@ -602,11 +588,20 @@ def resolve_tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None = None) -
     return tag_dir
 
 
-def _model_state_files(tag_dir: Path) -> list[Path]:
+def _model_states(tag_dir: Path) -> tuple[dict, dict[str, Tensor]]:
+    """(rank 0's model-states dict, {frozen param name: its ZeRO-3 pieces of every rank joined, flat}); the pieces
+    are padded to the partition size, so a caller cuts the result to the parameter's numel."""
     files = sorted(tag_dir.glob("*model_states.pt"), key=_rank_of)
     if not files:
         raise FileNotFoundError(f"no model state files (*model_states.pt) in {str(tag_dir)!r}")
-    return files
+    first = None
+    pieces: dict[str, list[Tensor]] = {}
+    for path in files:
+        sd = _load_file(path)
+        first = sd if first is None else first
+        for name, frag in (sd.get("frozen_param_fragments") or {}).items():
+            pieces.setdefault(name, []).append(frag.reshape(-1))
+    return first, {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
 @torch.no_grad()
@@ -620,8 +615,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     "step", and "delta_ema" where the layer has μ}}, "global_steps", "zero_stage", "world_size"}``; the model
     part loads into the unwrapped model with ``model.load_state_dict``."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
-    mfiles = _model_state_files(tag_dir)
-    first = _load_file(mfiles[0])
+    first, frozen_frags = _model_states(tag_dir)
     shapes: dict[str, tuple] = {}
     for group in first.get("param_shapes") or []:
         shapes.update({k: tuple(v) for k, v in group.items()})
@@ -650,14 +644,9 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     model: dict[str, Tensor] = {}
     module = first.get("module") or {}
     frozen_shapes = first.get("frozen_param_shapes") or {}
-    frozen_frags: dict[str, list[Tensor]] = {}
-    for path in mfiles:
-        sd = first if path == mfiles[0] else _load_file(path)
-        for k, v in (sd.get("frozen_param_fragments") or {}).items():
-            frozen_frags.setdefault(k, []).append(v.reshape(-1))
     for name, shape in frozen_shapes.items():
         if name in frozen_frags:  # ZeRO-3: each rank saved its partition
-            model[name] = torch.cat(frozen_frags[name])[:math.prod(shape)].view(tuple(shape)).float().clone()
+            model[name] = frozen_frags[name][:math.prod(shape)].view(tuple(shape)).float().clone()
         elif name in module:
             model[name] = module[name].float().clone()
     for name in first.get("buffer_names") or []:

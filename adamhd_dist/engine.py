@@ -1,6 +1,7 @@
 """The one place that builds the training engine: DeepSpeed (ZeRO, from a config) or FSDP2 (``apply_fsdp``).
 
-    engine = build_engine(settings, model, ds_config=..., schedule=..., ramp=..., device=...)
+    engine = build_engine("deepspeed", model, device=..., make_scheduler=..., ds_config=..., weight_decay=...,
+                          grad_clip=..., dtype=...)
     engine.set_accum_steps(n)
     for k in range(n):
         loss = engine.micro_step(window, last=(k == n - 1))
@@ -164,10 +165,7 @@ class _EngineBase:
         target = self._delta_source()
         if target is None:
             return {}
-        try:
-            return layer_deltas(target)
-        except TypeError:
-            return {}
+        return layer_deltas(target)
 
     def _delta_source(self):
         from .optimizer import AdamHD

@@ -86,7 +86,7 @@ class FlatLayout:
         self.has_mu = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=self.device)  # δ at latest step
         # per training step: reduced Σ|θ| per layer, consumed by the first inner step after begin_step()
-        self.pending_sums: Tensor | None = None
+        self.pending_sums: tuple[Tensor | None, list] | None = None  # (reduced sums, δ setting per layer)
         self.ready = False
         # flat tensor -> (Σ|θ| per fragment after its last update, version counter, address)
         self.sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
@@ -195,35 +195,31 @@ class FlatLayout:
     def remember_sums(self, flat: Tensor, frag_sums: Tensor) -> None:
         self.sum_cache[flat] = (frag_sums, flat._version, flat.data_ptr())
 
-    def scatter_local(self, tensor_of: Callable[[Tensor], Tensor | None], layers: Sequence[int] | None = None) -> Tensor:
+    def scatter_local(self, tensor_of: Callable[[Tensor], Tensor | None]) -> Tensor:
         """fp32 ``(Σ numel,)``: every layer's elements this rank holds, at their place in the concatenation of
         whole layers (in layout order), zeros elsewhere. ``tensor_of(flat)`` gives the flat tensor to read (the
         parameter itself, or a state tensor of the same layout) or None. Summing this over the ranks gives every
         layer whole: each element is held by exactly one rank."""
-        layers = range(len(self.names)) if layers is None else layers
-        starts, total = {}, 0
-        for i in layers:
-            starts[i] = total
-            total += self.numels[i]
-        out = torch.zeros(total, dtype=torch.float32)
+        starts = [0]
+        for n in self.numels[:-1]:
+            starts.append(starts[-1] + n)
+        out = torch.zeros(sum(self.numels), dtype=torch.float32)
         for flat, frags in self.fragments.items():
             src = tensor_of(flat)
             if src is None:
                 continue
             src = src.detach().reshape(-1)
             for f in frags:
-                if f.layer in starts:
-                    at = starts[f.layer] + f.offset
-                    out[at:at + f.numel] = src[f.start:f.start + f.numel].to("cpu", torch.float32)
+                at = starts[f.layer] + f.offset
+                out[at:at + f.numel] = src[f.start:f.start + f.numel].to("cpu", torch.float32)
         return out
 
-    def split_layers(self, flat: Tensor, layers: Sequence[int] | None = None) -> dict[str, Tensor]:
+    def split_layers(self, flat: Tensor) -> dict[str, Tensor]:
         """Inverse of the concatenation in :meth:`scatter_local`: {layer name: tensor of the layer's shape}."""
-        layers = range(len(self.names)) if layers is None else layers
         out, at = {}, 0
-        for i in layers:
-            out[self.names[i]] = flat[at:at + self.numels[i]].view(self.shapes[i]).clone()
-            at += self.numels[i]
+        for name, n, shape in zip(self.names, self.numels, self.shapes):
+            out[name] = flat[at:at + n].view(shape).clone()
+            at += n
         return out
 
     def describe(self, ordered_params: Sequence[Tensor]) -> dict[int, dict]:

@@ -918,7 +918,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
     from .data import TokenSampler, ValBatches, prepare_data
     from .engine import build_engine
     from .grouping import param_groups
-    from .manifest import build_manifest, read_manifest, record_resume, write_manifest
+    from .manifest import MANIFEST_FILE, build_manifest, read_manifest, record_resume, write_manifest
     from .metrics import MetricsLog, delta_summary, peak_flops, plot_loss_curve, read_metrics
     from .models import build_model, flops_per_token
     from .recipe import lr_scheduler
@@ -955,7 +955,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
                             f"{data.data_hash[:12]}): the corpus, the tokenizer or the Python version (which "
                             f"supplies the embedded corpus) changed, so the job cannot be repeated exactly")
     if resume_from is not None:
-        mpath = resume_from[1].parent.parent / "manifest.json"
+        mpath = resume_from[1].parent.parent / MANIFEST_FILE
         if mpath.is_file():
             old_hash = read_manifest(mpath).get("data", {}).get("data_hash")
             if old_hash not in (None, data.data_hash):
@@ -1023,7 +1023,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
         else:
             MetricsLog.truncate(out, start_step)
-        if resume_from is not None and (out / "manifest.json").is_file():
+        if resume_from is not None and (out / MANIFEST_FILE).is_file():
             record_resume(out, step=start_step, world_size=world, launcher=ctx.launcher, argv=argv)
         else:  # a new run, or one started from another run's checkpoint (--resume FOLDER)
             manifest = build_manifest(

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from adamhd_dist.manifest import read_manifest
+    from adamhd_dist.manifest import MANIFEST_FILE, read_manifest
     from adamhd_dist.train import SettingsError, check_resume, launch_context, resolve_settings, train
 
     ctx = launch_context(on_gpu)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError, FileNotFoundError) as e:
         return _error(ctx.rank, str(e))
 
-    manifest_path = Path(run.settings.out_dir) / "manifest.json"
+    manifest_path = Path(run.settings.out_dir) / MANIFEST_FILE
     try:
         return train(run, ctx, resume_from=resume_from, master_port=args.master_port, argv=[PROG] + list(argv),
                      rerun_command=_rerun_command(ctx, manifest_path), expect_data_hash=expect_data_hash)
