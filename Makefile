@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# The torch pin lives in pyproject.toml; install it first so that nothing else pulls a different build.
-TORCH  := $(shell grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"')
+# The torch pin lives in constraints.txt; install it first so that nothing else pulls a different build.
+TORCH  := $(shell grep -E '^torch==' constraints.txt)
 PYTEST_ARGS ?=
 
 .PHONY: install run test bench gpu-wheels clean
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
-	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,mpi]"
+	$(BIN)/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[train,hf,triton,mpi,test]"
 	@touch $(STAMP)
 
 # The embedded default through the deepspeed launcher: 2 CPU ranks (GPUs hidden), ZeRO-2 AdamHD, the nano model on

@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adamhd_dist.ports import free_port  # noqa: E402
+from adamhd_train.ports import free_port  # noqa: E402
 
 HP = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
@@ -113,7 +113,7 @@ def _step(model, opt, x):
 
 
 def _state_bytes(opt) -> int:
-    from adamhd_dist.dtensor import DTensorLayerStats
+    from adamhd_dist.distributed.dtensor import DTensorLayerStats
 
     total = 0
     for st in opt.state.values():

@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adamhd_dist.ports import free_port  # noqa: E402
+from adamhd_train.ports import free_port  # noqa: E402
 
 
 def _config(name: str, args, world: int, device: str) -> dict:
@@ -71,7 +71,7 @@ def rank_main(args) -> None:
     import deepspeed
 
     import adamhd_dist.deepspeed as ads
-    from adamhd_dist.models import build_model
+    from adamhd_train.models import build_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -157,7 +157,7 @@ def launch(args, task: str, world: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="a name from adamhd_dist.models (default tiny)")
+    ap.add_argument("--model", default="tiny", help="a name from adamhd_train.models (default tiny)")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=4)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adamhd_dist.train import parse_count as count  # noqa: E402
+from adamhd_train.train import parse_count as count  # noqa: E402
 
 PROG = "compare.py"
 
@@ -61,8 +61,8 @@ def _named_config(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adamhd_dist.compare import ARMS, PRESETS
-    from adamhd_dist.models import MODEL_NAMES
+    from adamhd_study.compare import ARMS, PRESETS
+    from adamhd_train.models import MODEL_NAMES
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from adamhd_dist.compare import preset, run_comparison
+    from adamhd_study.compare import preset, run_comparison
 
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "report_only")}
     if "optimizers" in overrides:

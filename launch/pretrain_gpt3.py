@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adamhd_dist.train import parse_count as count  # noqa: E402
+from adamhd_train.train import parse_count as count  # noqa: E402
 
 PROG = "pretrain_gpt3.py"
 
@@ -60,7 +60,7 @@ def port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adamhd_dist.models import MODEL_NAMES
+    from adamhd_train.models import MODEL_NAMES
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     eng = ap.add_argument_group("engine (give one)")
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from adamhd_dist.manifest import MANIFEST_FILE, read_manifest
-    from adamhd_dist.train import SettingsError, check_resume, launch_context, resolve_settings, train
+    from adamhd_train.manifest import MANIFEST_FILE, read_manifest
+    from adamhd_train.train import SettingsError, check_resume, launch_context, resolve_settings, train
 
     ctx = launch_context(on_gpu)
     given = {k: v for k, v in vars(args).items() if k not in ("from_manifest", "master_port", "local_rank")}

@@ -23,7 +23,7 @@ def _seed_and_backend(request, monkeypatch):
     torch.manual_seed(0)
     callspec = getattr(request.node, "callspec", None)
     if callspec is not None and callspec.params.get("path") == "fused_triton":
-        import adamhd_dist.functional as F
+        import adamhd_dist.optim.functional as F
 
         monkeypatch.setattr(F, "FUSED_CPU_BACKEND", "triton")
     yield

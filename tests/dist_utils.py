@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from adamhd_dist.ports import free_port  # noqa: F401  (the tests import it from here)
+from adamhd_train.ports import free_port  # noqa: F401  (the tests import it from here)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

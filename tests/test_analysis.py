@@ -1,4 +1,4 @@
-"""Unit tests of adamhd_dist.analysis: pruning, histograms, steps-to-target, the outlier schedule, verdicts."""
+"""Unit tests of adamhd_study.analysis: pruning, histograms, steps-to-target, the outlier schedule, verdicts."""
 
 import math
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from adamhd_dist.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, compare_values, decayed_tensors,
+from adamhd_study.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, compare_values, decayed_tensors,
                                   layer_type, magnitude_edges, magnitude_histograms, magnitude_prune, prune_model_,
                                   small_weight_fraction, speedup, steps_to_target)
-from adamhd_dist.models import build_model
+from adamhd_train.models import build_model
 
 
 @pytest.fixture(scope="module")

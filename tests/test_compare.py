@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adamhd_dist.compare import ARMS, plan_runs, preset, summarize
+from adamhd_study.compare import ARMS, plan_runs, preset, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,7 +80,7 @@ def test_plan_runs_same_budget_and_same_outliers(tmp_path):
 
 def test_launcher_accepts_every_run(tmp_path):
     """Each run's options parse and resolve in the launcher itself: same model, schedule inputs, no ramp."""
-    from adamhd_dist.train import LaunchContext, resolve_settings
+    from adamhd_train.train import LaunchContext, resolve_settings
 
     launcher = _launcher()
     cfg = preset("tiny", out_dir=str(tmp_path))
@@ -275,7 +275,7 @@ def test_end_to_end_rerun_reuses_finished_runs(e2e):
 
 def test_gpt3_small_preset_resolves_on_a_gpu_machine(tmp_path):
     """The GPU preset's runs are valid launcher jobs (checked without a GPU: nothing is built or downloaded)."""
-    from adamhd_dist.train import LaunchContext, resolve_settings
+    from adamhd_train.train import LaunchContext, resolve_settings
 
     launcher = _launcher()
     cfg = preset("gpt3-small", out_dir=str(tmp_path), nproc=1)
@@ -289,7 +289,7 @@ def test_gpt3_small_preset_resolves_on_a_gpu_machine(tmp_path):
 
 
 def test_run_dir_with_other_settings_is_refused(tmp_path):
-    from adamhd_dist.compare import _spec, check_run_dirs
+    from adamhd_study.compare import _spec, check_run_dirs
 
     cfg = preset("tiny", out_dir=str(tmp_path))
     runs = plan_runs(cfg)
@@ -314,8 +314,8 @@ def test_load_final_weights_from_an_fsdp_style_checkpoint(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from adamhd_dist.checkpoints import TRAINER_STATE
-    from adamhd_dist.compare import load_final_weights
+    from adamhd_train.checkpoints import TRAINER_STATE
+    from adamhd_study.compare import load_final_weights
 
     folder = tmp_path / "checkpoints" / "step3"
     folder.mkdir(parents=True)

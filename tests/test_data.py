@@ -13,8 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub; fakes stand in for it
 
-import adamhd_dist.data as data_mod  # noqa: E402
-from adamhd_dist.data import TokenSampler, ValBatches, embedded_documents, prepare_data  # noqa: E402
+import adamhd_train.data as data_mod  # noqa: E402
+from adamhd_train.data import TokenSampler, ValBatches, embedded_documents, prepare_data  # noqa: E402
 
 CAP = 150_000
 SMALL = dict(max_chars=CAP, vocab_size=400, progress=False)

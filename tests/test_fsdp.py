@@ -95,7 +95,7 @@ def test_apply_fsdp_needs_a_process_group(monkeypatch):
 
 def test_collective_device_follows_the_backend():
     """CPU sums (CPUOffloadPolicy) go to CUDA for an NCCL-only group and stay on the CPU where gloo serves them."""
-    from adamhd_dist.collectives import collective_device_type
+    from adamhd_dist.distributed.collectives import collective_device_type
 
     class Group:
         def __init__(self, *types):

@@ -27,10 +27,10 @@ if torch.cuda.is_available():
     import test_kernel_triton as TK
     from reference import RefAdamHD
 
-    import adamhd_dist.functional as F
+    import adamhd_dist.optim.functional as F
     from adamhd_dist import AdamHD
-    from adamhd_dist.kernels import triton_adamhd as GPU
-    from adamhd_dist.layout import FlatLayout, Fragment
+    from adamhd_dist.optim.kernels import triton_adamhd as GPU
+    from adamhd_dist.distributed.layout import FlatLayout, Fragment
 
 SIZES = [1, 7, 4096, 4099, 2 * 4096 + 5, 1 << 18, 0]
 

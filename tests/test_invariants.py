@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adamhd_dist import AdamHD, huber_prox_, huber_penalty
-from adamhd_dist.functional import adamhd
+from adamhd_dist.optim.functional import adamhd
 from conftest import PATHS
 
 

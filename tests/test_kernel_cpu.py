@@ -1,4 +1,4 @@
-"""Tests of the fused CPU AdamHD kernel (adamhd_dist.kernels.cpu) against an independent float64 reference."""
+"""Tests of the fused CPU AdamHD kernel (adamhd_dist.optim.kernels.cpu) against an independent float64 reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adamhd_dist.kernels import cpu as kcpu
+from adamhd_dist.optim.kernels import cpu as kcpu
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

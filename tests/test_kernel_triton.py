@@ -1,4 +1,4 @@
-"""The Triton kernels (adamhd_dist.kernels.triton_adamhd), run on CPU tensors by the Triton interpreter.
+"""The Triton kernels (adamhd_dist.optim.kernels.triton_adamhd), run on CPU tensors by the Triton interpreter.
 
 Checked against an independent float64 reference written here from the update formulas.
 
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 def _load_interpreted_copy():
-    origin = importlib.util.find_spec("adamhd_dist.kernels.triton_adamhd").origin  # imports the package normally
+    origin = importlib.util.find_spec("adamhd_dist.optim.kernels.triton_adamhd").origin  # imports the package normally
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         spec = importlib.util.spec_from_file_location("_adamhd_triton_interpreted", origin)

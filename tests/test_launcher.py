@@ -25,8 +25,8 @@ from dist_utils import ROOT, free_port
 sys.path.insert(0, str(ROOT / "launch"))
 import pretrain_gpt3  # noqa: E402
 
-from adamhd_dist import checkpoints as ck  # noqa: E402
-from adamhd_dist.train import LaunchContext, SettingsError, resolve_settings  # noqa: E402
+from adamhd_train import checkpoints as ck  # noqa: E402
+from adamhd_train.train import LaunchContext, SettingsError, resolve_settings  # noqa: E402
 
 STEPS = 6
 DATA = ["--max-chars", "200000", "--vocab-size", "512", "--val-fraction", "0.05"]
@@ -38,7 +38,7 @@ ZERO2 = ["--deepspeed", "ds_configs/zero2_adamhd.json"]
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One token cache for every launch of this file (built here once; the runs only read it)."""
-    from adamhd_dist.data import prepare_data
+    from adamhd_train.data import prepare_data
 
     cache = tmp_path_factory.mktemp("data-cache")
     prepare_data("embedded", vocab_size=512, max_chars=200_000, val_fraction=0.05, cache_dir=cache, progress=False)
@@ -383,7 +383,7 @@ def test_checkpoint_folder_ignores_partial_saves(tmp_path):
 def test_damaged_run_files_give_messages(tmp_path):
     """A trainer state without its keys or with broken JSON names the file; a metrics file whose last line was cut
     short by a kill still resumes (that line is dropped), a broken line elsewhere names its line."""
-    from adamhd_dist.metrics import MetricsLog, read_metrics
+    from adamhd_train.metrics import MetricsLog, read_metrics
 
     folder = tmp_path / "step3"
     folder.mkdir()

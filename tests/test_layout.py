@@ -11,7 +11,7 @@ import torch
 from conftest import PATHS
 
 import adamhd_dist
-from adamhd_dist.layout import FlatLayout, Fragment
+from adamhd_dist.distributed.layout import FlatLayout, Fragment
 
 SHAPES = {"a": (7, 5), "b": (11,), "c": (3, 4)}
 HP = dict(lr=3e-2, betas=(0.9, 0.95), weight_decay=0.2, delta_scale=1.0, delta_beta=0.8)
@@ -95,7 +95,7 @@ def test_statistic_comes_from_the_update_while_partitions_are_unchanged_and_rere
     full = reference_params()
     opt, parts, _ = make_flat_optimizer(full, fused=True)
     calls = {"n": 0}
-    import adamhd_dist.stats as stats
+    import adamhd_dist.optim.stats as stats
 
     original = stats.layer_abs_sums
 

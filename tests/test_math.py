@@ -132,7 +132,7 @@ def test_params_without_grad_are_untouched(path):
 def test_functional_accepts_tensor_steps_and_strided_deltas(path, monkeypatch):
     """adamhd(): step numbers as a tensor or a list give the same update; δ may be any 1-D float tensor (here an
     expanded, non-contiguous one)."""
-    import adamhd_dist.functional as F
+    import adamhd_dist.optim.functional as F
 
     torch.manual_seed(5)
     shapes = [(33,), (4, 5), (4099,)]

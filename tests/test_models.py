@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adamhd_dist.models import MODEL_NAMES, build_model, count_parameters, flops_per_token, model_spec
+from adamhd_train.models import MODEL_NAMES, build_model, count_parameters, flops_per_token, model_spec
 
 # Brown et al. 2020, Table 2.1 (SPEC section 4): name -> (params, layers, d_model, batch tokens, lr)
 GPT3_TABLE = {

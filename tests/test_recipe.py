@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adamhd_dist.recipe import (GPT3_DECAY_TOKENS, GPT3_WARMUP_TOKENS, BatchRamp, batch_plan, lr_at, lr_factor,
+from adamhd_train.recipe import (GPT3_DECAY_TOKENS, GPT3_WARMUP_TOKENS, BatchRamp, batch_plan, lr_at, lr_factor,
                                 lr_scheduler)
 
 

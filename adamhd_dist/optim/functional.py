@@ -9,7 +9,7 @@
 A tensor in the lists may be a whole parameter or a view of one layer inside a flat buffer (a ZeRO partition):
 every path treats each list entry as one layer with its own δ. ``steps`` are the step numbers ``t`` of this
 update (already incremented by the caller); the per-layer thresholds ``deltas`` are computed by the caller from
-the layer statistic (see :mod:`adamhd_dist.stats`), because on a sharded model that statistic needs a collective.
+the layer statistic (see :mod:`adamhd_dist.optim.stats`), because on a sharded model that statistic needs a collective.
 
 Per element, in fp32 (``τ = lr·weight_decay``)::
 
@@ -143,7 +143,7 @@ def adamhd(
 
     ``abs_sums_out``, when given (fp64, one entry per tensor), receives ``Σ|θ|`` of each tensor AFTER the update —
     the next step's layer statistic. The fused kernels get it from the same pass over the data: the C++ kernel
-    bitwise equal to :func:`adamhd_dist.stats.layer_abs_sums` of the updated CPU tensors; the Triton kernel as
+    bitwise equal to :func:`adamhd_dist.optim.stats.layer_abs_sums` of the updated CPU tensors; the Triton kernel as
     per-chunk fp32 sums combined with atomic adds (equal to a separate read up to the order of the additions)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
@@ -321,7 +321,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             from .kernels import triton_adamhd
 
             if not triton_adamhd.available():
-                raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[gpu]')")
+                raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[triton]')")
 
             def to_dev(xs):
                 host = torch.tensor(xs, dtype=torch.float32)

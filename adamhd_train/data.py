@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .fsutil import fsync_dir, fsync_tree
+from adamhd_dist.fsutil import fsync_dir, fsync_tree
 
 __all__ = [
     "EMBEDDED",

@@ -5,13 +5,13 @@
 
 Every option that is not one of the two above goes to the launcher unchanged, so this starts exactly the run the
 launcher would, under any of its launchers (one process, ``deepspeed``, ``mpirun``). The only difference: the
-model the launcher builds gets an :class:`adamhd_dist.analysis.OutlierInjector` before the engine wraps it, and
+model the launcher builds gets an :class:`adamhd_study.analysis.OutlierInjector` before the engine wraps it, and
 rank 0 writes the events (one JSON object per outlier micro-batch) to ``--outlier-events`` when the run ends.
 A run that resumes from a checkpoint continues the count of micro-batches from the checkpoint's token count, so
 its events are those of the uninterrupted run, and the events logged before the checkpoint are kept.
 
-The launcher offers no callback for this, so the runner wraps :func:`adamhd_dist.models.build_model`, which
-:func:`adamhd_dist.train.train` looks up when it starts. Gradient hooks on the parameters run before DeepSpeed's
+The launcher offers no callback for this, so the runner wraps :func:`adamhd_train.models.build_model`, which
+:func:`adamhd_train.train.train` looks up when it starts. Gradient hooks on the parameters run before DeepSpeed's
 ZeRO-1/2 gradient hooks; FSDP2 replaces the parameters afterwards and is not supported (refused here).
 """
 
@@ -47,8 +47,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def _resume_offset(rest: list[str]) -> int:
     """Micro-batches the run already consumed when it resumes (0 for a fresh start), from the checkpoint that the
     launcher will continue from and the manifest's tokens per micro-step."""
-    from adamhd_dist.checkpoints import latest_checkpoint, read_trainer_state
-    from adamhd_dist.manifest import read_manifest
+    from adamhd_train.checkpoints import latest_checkpoint, read_trainer_state
+    from adamhd_train.manifest import read_manifest
 
     ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ap.add_argument("--out-dir")
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the runner's two options, install the injector around the model factory, run the launcher."""
     argv = sys.argv[1:] if argv is None else argv
     args, rest = _parse(argv)
-    from adamhd_dist import models
-    from adamhd_dist.analysis import OutlierInjector, OutlierSchedule
+    from adamhd_train import models
+    from adamhd_study.analysis import OutlierInjector, OutlierSchedule
 
     if "--fsdp" in rest:
         print("compare_runner.py: error: outlier injection needs the DeepSpeed engine (--deepspeed CONFIG); FSDP2 "

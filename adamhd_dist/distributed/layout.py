@@ -170,7 +170,7 @@ class FlatLayout:
     def local_sums(self, layers: set[int] | None = None) -> Tensor:
         """fp64 ``(L,)``: this rank's ``Σ|θ|`` of every layer (0 for layers it holds nothing of), from the last
         update's by-product where the flat tensor is unchanged since, else read afresh in one call."""
-        from .stats import layer_abs_sums
+        from ..optim.stats import layer_abs_sums
 
         out = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         todo_views, todo_layers = [], []

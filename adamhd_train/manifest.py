@@ -2,7 +2,7 @@
 
 A manifest is one JSON file (``<run dir>/manifest.json``) with
 
-- ``settings``: the job's fully resolved settings (:class:`adamhd_dist.train.TrainSettings` as a dict: model,
+- ``settings``: the job's fully resolved settings (:class:`adamhd_train.train.TrainSettings` as a dict: model,
   batch, schedule, dtype, seed, data options, ...), from which ``launch/pretrain_gpt3.py --from-manifest`` rebuilds
   the same job;
 - ``deepspeed_config``: the DeepSpeed config exactly as passed to ``deepspeed.initialize`` (after the launcher set
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .fsutil import atomic_write
+from adamhd_dist.fsutil import atomic_write
 
 __all__ = [
     "MANIFEST_FILE",
@@ -168,7 +168,7 @@ def build_manifest(
         world_size: data-parallel ranks of this launch.
         launcher: how the ranks were started ("deepspeed", "torchrun", "mpirun", "single process").
         deepspeed_config, deepspeed_config_source: the config passed to DeepSpeed, and the file as read.
-        data: :meth:`adamhd_dist.data.PreparedData.manifest` of the corpus.
+        data: :meth:`adamhd_train.data.PreparedData.manifest` of the corpus.
         derived: numbers the launcher derived and printed (batch plan, schedule, parameter counts).
         argv: the command line of rank 0; rerun_command: a command that re-runs this job.
     """

@@ -6,7 +6,7 @@
    normal ``launch/pretrain_gpt3.py`` job with its own run directory, the same model, data, seed, schedule and
    token budget. Arms: ``baseline``; ``large-batch`` (``large_batch_factor`` × the global batch, as many fewer
    steps, so the same tokens); ``outliers`` (the baseline with rare injected outlier gradients, the same events
-   for every optimizer: :class:`~adamhd_dist.analysis.OutlierSchedule`).
+   for every optimizer: :class:`~adamhd_study.analysis.OutlierSchedule`).
 2. :func:`execute` starts the runs as subprocesses (``parallel`` at a time; on a CPU machine the optimizers of one
    arm and seed run side by side, so they share the machine's load), each with ``MASTER_ADDR=127.0.0.1`` and its
    own port, and a time limit. A run directory that already holds the finished run is reused.
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .ports import free_port
+from adamhd_train.ports import free_port
 
 __all__ = [
     "ARMS",
@@ -90,7 +90,7 @@ class CompareConfig:
     preset: str
     """Name of the preset the values came from (for the report)."""
     model: str
-    """Model size, from :data:`adamhd_dist.models.MODEL_NAMES`."""
+    """Model size, from :data:`adamhd_train.models.MODEL_NAMES`."""
     max_steps: int
     """Optimizer steps of the baseline arm (the large-batch arm runs ``max_steps // large_batch_factor``)."""
     seq_len: int
@@ -164,7 +164,7 @@ class CompareConfig:
     """Relative perplexity increase a pruned model may have and still count as tolerating the sparsity."""
 
     def __post_init__(self):
-        from .models import MODEL_NAMES
+        from adamhd_train.models import MODEL_NAMES
 
         if self.model not in MODEL_NAMES:
             raise ValueError(f"--model: unknown model {self.model!r} (allowed: {', '.join(MODEL_NAMES)})")
@@ -227,7 +227,7 @@ class CompareConfig:
         self.outlier_schedule(0)  # validates the outlier fields
 
     def outlier_schedule(self, seed: int, accum_steps: int = 1) -> "Any":
-        """The :class:`~adamhd_dist.analysis.OutlierSchedule` of the outlier arm for training seed ``seed``: seeded
+        """The :class:`~adamhd_study.analysis.OutlierSchedule` of the outlier arm for training seed ``seed``: seeded
         ``1000 + seed`` (the same for every optimizer), no events during the first 5% of the micro-batches (the
         LR warmup)."""
         from .analysis import OutlierSchedule
@@ -409,7 +409,7 @@ def check_run_dirs(runs: list[RunSpec], cfg: CompareConfig) -> None:
 
 
 def _finished(run: RunSpec) -> bool:
-    from .checkpoints import latest_checkpoint
+    from adamhd_train.checkpoints import latest_checkpoint
 
     found = latest_checkpoint(run.run_dir / "checkpoints")
     return (found is not None and found[0] >= run.max_steps and (run.run_dir / "metrics.jsonl").is_file()
@@ -526,7 +526,7 @@ def load_final_weights(run_dir: Path | str, step: Optional[int] = None) -> dict:
     """
     import torch
 
-    from .checkpoints import latest_checkpoint, list_checkpoints
+    from adamhd_train.checkpoints import latest_checkpoint, list_checkpoints
 
     root = Path(run_dir) / "checkpoints"
     found = latest_checkpoint(root) if step is None else next(((s, p) for s, p in list_checkpoints(root)
@@ -544,7 +544,7 @@ def load_final_weights(run_dir: Path | str, step: Optional[int] = None) -> dict:
             dcp_to_torch_save(str(folder / "dcp"), str(Path(tmp) / "full.pt"))
             return {k: v.float() for k, v in torch.load(Path(tmp) / "full.pt", weights_only=False)["model"].items()
                     if torch.is_tensor(v)}
-    from .deepspeed import export_checkpoint
+    from adamhd_dist.deepspeed import export_checkpoint
 
     try:
         return export_checkpoint(root, folder.name)["model"]
@@ -560,7 +560,7 @@ def load_final_weights(run_dir: Path | str, step: Optional[int] = None) -> dict:
 
 
 def _prepare(cfg: CompareConfig, *, say: Callable[[str], None]) -> Any:
-    from .data import prepare_data
+    from adamhd_train.data import prepare_data
 
     say("[compare] preparing the data once for all runs")
     return prepare_data(cfg.data, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, cache_dir=cfg.data_cache,
@@ -570,7 +570,7 @@ def _prepare(cfg: CompareConfig, *, say: Callable[[str], None]) -> Any:
 def _evaluate(model, batches, device) -> float:
     import torch
 
-    from .engine import lm_loss
+    from adamhd_train.engine import lm_loss
 
     model.eval()
     total, n = 0.0, 0
@@ -589,10 +589,10 @@ def collect(runs: list[RunSpec], status: dict[str, dict], cfg: CompareConfig, da
     import torch
 
     from .analysis import decayed_tensors, layer_type, magnitude_histograms, prune_model_, small_weight_fraction
-    from .data import ValBatches
-    from .manifest import read_manifest
-    from .metrics import read_metrics
-    from .models import build_model
+    from adamhd_train.data import ValBatches
+    from adamhd_train.manifest import read_manifest
+    from adamhd_train.metrics import read_metrics
+    from adamhd_train.models import build_model
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
@@ -714,7 +714,7 @@ def _tolerated(pruning: list[dict], tolerance: float) -> float:
 
 def summarize(cfg: CompareConfig, results: list[dict]) -> dict:
     """The comparison's numbers from the per-run results: final losses, speed-ups, pruning, robustness, weights,
-    and the verdict's judgements (:class:`~adamhd_dist.analysis.Comparison` as dicts)."""
+    and the verdict's judgements (:class:`~adamhd_study.analysis.Comparison` as dicts)."""
     from .analysis import compare_values, speedup, steps_to_target
 
     ref = cfg.reference
@@ -1113,7 +1113,7 @@ def _pm(mean: Optional[float], sd: Optional[float]) -> str:
 
 
 def _machine() -> dict:
-    from .manifest import hardware_info, package_versions
+    from adamhd_train.manifest import hardware_info, package_versions
 
     hw = hardware_info()
     pk = package_versions()
@@ -1386,7 +1386,7 @@ def run_comparison(cfg: CompareConfig, *, command: str = "", report_only: bool =
         runs_wall = time.perf_counter() - t_runs
     results = collect(runs, status, cfg, data, say=say)
     summary = summarize(cfg, results)
-    from .data import ValBatches
+    from adamhd_train.data import ValBatches
 
     meta = {"command": command, "started": started, "machine": _machine(), "load_start": load_start,
             "load_end": os.getloadavg()[0], "total_s": time.perf_counter() - t0, "runs_wall_s": runs_wall,

@@ -7,7 +7,7 @@
         loss = engine.micro_step(window, last=(k == n - 1))
     grad_norm = engine.optimizer_step()
 
-Both engines present the same small interface to the training loop (:mod:`adamhd_dist.train`): micro-steps with
+Both engines present the same small interface to the training loop (:mod:`adamhd_train.train`): micro-steps with
 gradient accumulation whose count may change from one optimizer step to the next (the batch-size ramp), one
 optimizer step (gradient clipping at the configured global norm, the LR schedule), evaluation, the per-layer δ,
 and checkpoint save/load into a folder.
@@ -18,7 +18,7 @@ and checkpoint save/load into a folder.
   ``engine.set_train_batch_size`` (which rescales the loss by the new count) and the boundary with
   ``engine.set_gradient_accumulation_boundary``, so a changing count never misaligns DeepSpeed's micro-step counter.
 - FSDP2: :func:`adamhd_dist.fsdp.apply_fsdp` shards each transformer block, then AdamHD over
-  :func:`adamhd_dist.param_groups` and :func:`adamhd_dist.recipe.lr_scheduler`; gradients are reduced only on the
+  :func:`adamhd_dist.param_groups` and :func:`adamhd_train.recipe.lr_scheduler`; gradients are reduced only on the
   last micro-batch of a step (``set_requires_gradient_sync``); checkpoints with ``torch.distributed.checkpoint``.
 
 :func:`deepspeed_config_for` turns a user's DeepSpeed config (GPU settings) into the one a run passes to DeepSpeed:
@@ -160,7 +160,7 @@ class _EngineBase:
 
     def deltas(self) -> dict:
         """{layer name: δ} of the AdamHD optimizer; {} for another optimizer."""
-        from .deltas import layer_deltas
+        from adamhd_dist import layer_deltas
 
         target = self._delta_source()
         if target is None:
@@ -168,7 +168,7 @@ class _EngineBase:
         return layer_deltas(target)
 
     def _delta_source(self):
-        from .optimizer import AdamHD
+        from adamhd_dist import AdamHD
 
         return self.optimizer if isinstance(self.optimizer, AdamHD) else None
 
@@ -179,8 +179,8 @@ class DeepSpeedEngine(_EngineBase):
     kind = "deepspeed"
 
     def __init__(self, model, ds_config: dict, *, lr_scheduler: Callable, weight_decay: float, device):
-        from . import deepspeed as ads
-        from .grouping import param_groups
+        from adamhd_dist import deepspeed as ads
+        from adamhd_dist import param_groups
 
         super().__init__(device)
         params = None if ads.is_adamhd_config(ds_config) else param_groups(model, weight_decay)
@@ -248,9 +248,9 @@ class FSDPEngine(_EngineBase):
                  make_scheduler: Callable, device):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        from .fsdp import apply_fsdp
-        from .grouping import param_groups
-        from .optimizer import AdamHD
+        from adamhd_dist.fsdp import apply_fsdp
+        from adamhd_dist import param_groups
+        from adamhd_dist import AdamHD
 
         super().__init__(device)
         mp = None

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from .layout import FlatLayout
+from ..distributed.layout import FlatLayout
 from .stats import DELTA_MODES, layer_abs_sums, update_deltas
 
 __all__ = ["AdamHD"]
@@ -170,7 +170,7 @@ class AdamHD(Optimizer):
         # Engine integrations may set this: param -> the local tensor to update (e.g. DTensor.to_local()).
         self.local_tensor: Callable[[Tensor], Tensor] | None = None
         # Engine integrations set this when the optimizer's params are flat per-rank buffers holding parts of many
-        # layers (ZeRO): see adamhd_dist.layout. The engine then calls begin_step() once per training step.
+        # layers (ZeRO): see adamhd_dist.distributed.layout. The engine then calls begin_step() once per training step.
         self.layout: FlatLayout | None = None
         self._loaded_layer_state: dict | None = None
         self._last_deltas: dict[Tensor, float] | tuple = {}
@@ -210,12 +210,12 @@ class AdamHD(Optimizer):
                 raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
         if any(getattr(p, "_fsdp_flattened", False) for p in group["params"]):  # FSDP1 flat-parameter views
             self.param_groups.pop()
-            from .fsdp import fsdp1_unsupported_error
+            from ..distributed.fsdp import fsdp1_unsupported_error
 
             raise fsdp1_unsupported_error()
         if self.reduce_layer_sums is None and any(_is_dtensor(p) for p in group["params"]):
             # FSDP2 / DTensor parameters: the layer statistic is reduced over the shard dimension(s).
-            from .dtensor import install_dtensor_hooks
+            from ..distributed.dtensor import install_dtensor_hooks
 
             install_dtensor_hooks(self)
 

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .fsutil import atomic_write, fsync_tree
+from adamhd_dist.fsutil import atomic_write, fsync_tree
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state"]

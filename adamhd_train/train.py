@@ -9,7 +9,7 @@
    batch plan (global batch in tokens -> micro-batch x ranks x accumulation), the schedule scaled to the run, the
    CPU adaptations. Every bad input fails here, on every rank, before any data, model or process group is made.
 3. :func:`train` prepares the data, starts the process group, builds the model and the engine
-   (:func:`adamhd_dist.engine.build_engine`), resumes from the newest complete checkpoint if asked, and runs the
+   (:func:`adamhd_train.engine.build_engine`), resumes from the newest complete checkpoint if asked, and runs the
    loop: the batch-size ramp, gradient accumulation, clipping, the LR schedule, periodic validation, checkpoints,
    ``metrics.jsonl``/TensorBoard/tqdm, per-layer δ, the manifest, and the loss-curve PNG at the end.
 
@@ -104,7 +104,7 @@ class TrainSettings:
     deepspeed_config: Optional[str]
     """Path of the DeepSpeed config as given (deepspeed only)."""
     model: str
-    """Model size from :data:`adamhd_dist.models.MODEL_NAMES`."""
+    """Model size from :data:`adamhd_train.models.MODEL_NAMES`."""
     seq_len: int
     """Tokens per training sequence (the model's context)."""
     global_batch_tokens: int
@@ -299,9 +299,9 @@ class ResolvedRun:
     adamhd_kwargs: dict
     """AdamHD's keyword arguments (from the config, or the GPT-3 recipe for FSDP2)."""
     plan: Any
-    """The :class:`~adamhd_dist.recipe.BatchPlan` at full batch."""
+    """The :class:`~adamhd_train.recipe.BatchPlan` at full batch."""
     ramp: Any
-    """The :class:`~adamhd_dist.recipe.BatchRamp`."""
+    """The :class:`~adamhd_train.recipe.BatchRamp`."""
     derived: dict
     """Numbers derived from the settings, with where each default came from (printed and kept in the manifest)."""
     notes: list[str] = field(default_factory=list)
@@ -357,7 +357,7 @@ def resolve_settings(
     Raises:
         SettingsError (a ValueError) naming the option, or FileNotFoundError for a missing file.
     """
-    from . import deepspeed as ads
+    from adamhd_dist import deepspeed as ads
     from .data import EMBEDDED, LOCAL_BPE
     from .models import model_spec
     from .recipe import (GPT3_DECAY_TOKENS, GPT3_MIN_LR_RATIO, GPT3_RAMP_START_TOKENS, GPT3_WARMUP_TOKENS,
@@ -589,10 +589,10 @@ def resolve_settings(
 def _finish(s: TrainSettings, ctx: LaunchContext, ds_source: Optional[dict], notes: list[str], derived: dict,
             *, from_manifest: bool) -> ResolvedRun:
     """The checks and derived values shared by a new job and a job rebuilt from a manifest."""
-    from . import deepspeed as ads
+    from adamhd_dist import deepspeed as ads
     from .engine import deepspeed_config_for
     from .models import count_parameters, model_spec
-    from .optimizer import AdamHD
+    from adamhd_dist import AdamHD
     from .recipe import GPT3_BETAS, GPT3_EPS, BatchRamp, batch_plan
 
     import torch
@@ -870,7 +870,7 @@ def _describe_start(run: ResolvedRun, ctx: LaunchContext, data, model, groups, r
                  f"gradient clipping at global norm {s.grad_clip:g}")
     import inspect
 
-    from .optimizer import AdamHD
+    from adamhd_dist import AdamHD
 
     defaults = {k: v.default for k, v in inspect.signature(AdamHD.__init__).parameters.items()}
     kw = {**defaults, **run.adamhd_kwargs}  # what the optimizer will use, its own defaults included
@@ -917,7 +917,7 @@ def train(run: ResolvedRun, ctx: LaunchContext, *, resume_from=_UNSET, master_po
     from . import checkpoints as ck
     from .data import TokenSampler, ValBatches, prepare_data
     from .engine import build_engine
-    from .grouping import param_groups
+    from adamhd_dist import param_groups
     from .manifest import MANIFEST_FILE, build_manifest, read_manifest, record_resume, write_manifest
     from .metrics import MetricsLog, delta_summary, peak_flops, plot_loss_curve, read_metrics
     from .models import build_model, flops_per_token

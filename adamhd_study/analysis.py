@@ -2,7 +2,7 @@
 type, steps-to-target speed-up, a deterministic outlier-gradient injector, and verdicts from measured numbers.
 
 Everything here is a pure function of tensors or curves (no process group, no files), so each part is
-unit-tested on hand-made inputs; :mod:`adamhd_dist.compare` runs the training arms and calls these.
+unit-tested on hand-made inputs; :mod:`adamhd_study.compare` runs the training arms and calls these.
 
     >>> import torch
     >>> w = {"h.0.mlp.c_fc.weight": torch.tensor([[0.5, -0.1], [0.02, 3.0]])}

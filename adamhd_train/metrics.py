@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from .fsutil import atomic_write
+from adamhd_dist.fsutil import atomic_write
 
 __all__ = ["METRICS_FILE", "DELTAS_FILE", "PLOT_FILE", "MetricsLog", "read_metrics", "delta_summary",
            "peak_flops", "plot_loss_curve"]

@@ -3,7 +3,7 @@
 The GPT-3 paper alternated dense and locally banded sparse attention; a dense GPT-2 block (pre-LayerNorm,
 GELU MLP of width 4·d_model, learned position embeddings) is the usual stand-in and is what is built here.
 
-    >>> from adamhd_dist.models import build_model, count_parameters, model_spec
+    >>> from adamhd_train.models import build_model, count_parameters, model_spec
     >>> model_spec("gpt3-xl").batch_tokens, model_spec("gpt3-xl").lr
     (1048576, 0.0002)
     >>> count_parameters("gpt3-175b")            # analytic, nothing allocated

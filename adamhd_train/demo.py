@@ -1,6 +1,6 @@
 """A one-minute AdamHD demo on the CPU: a tiny GPT-2 trained on text that ships with Python.
 
-    python -m adamhd_dist.demo [--steps 150] [--seed 0] [--model nano] [--cache-dir DIR]
+    python -m adamhd_train.demo [--steps 150] [--seed 0] [--model nano] [--cache-dir DIR]
 
 The first run tokenizes a slice of the standard library's sources with a locally trained BPE (cached under
 ``--cache-dir``, default ``~/.cache/adamhd_dist``); nothing is downloaded. Prints the derived numbers (tokens per
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import AdamHD, layer_deltas, param_groups
+from adamhd_dist import AdamHD, layer_deltas, param_groups
 from .data import TokenSampler, ValBatches, prepare_data
 from .models import build_model, count_parameters
 from .recipe import batch_plan, lr_scheduler
