@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adamhd_dist import AdamHD  # noqa: E402
-from adamhd_dist.layout import FlatLayout, Fragment  # noqa: E402
+from adamhd_dist.distributed.layout import FlatLayout, Fragment  # noqa: E402
 
 HP = dict(lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
