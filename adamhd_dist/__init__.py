@@ -23,6 +23,8 @@ from .optim.deltas import layer_deltas
 from .optim.functional import adamhd
 from .optim.grouping import check_param_groups, param_groups
 from .optim.huber import huber_clip_, huber_penalty, huber_prox_
+from .optim.layer_stats import is_dtensor as _is_dtensor
+from .optim.layer_stats import register_auto_strategy as _register_auto_strategy
 from .optim.optimizer import AdamHD
 
 __version__ = "0.1.0"
@@ -38,6 +40,17 @@ __all__ = [
     "huber_clip_",
     "__version__",
 ]
+
+
+
+def _dtensor_strategy(optimizer):
+    from .distributed.dtensor import DTensorLayerStats
+
+    return DTensorLayerStats()
+
+
+# The optimizer finds the DTensor strategy here when DTensor parameters appear (the core imports no distributed code).
+_register_auto_strategy(_is_dtensor, _dtensor_strategy)
 
 # Subpackages that import an engine (or torch.distributed): loaded on first attribute access, so that
 # ``adamhd_dist.deepspeed.attach(engine)`` works after a plain ``import adamhd_dist``.

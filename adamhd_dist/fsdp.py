@@ -1,4 +1,7 @@
-"""``adamhd_dist.fsdp``: the public name of :mod:`adamhd_dist.distributed.fsdp` (``apply_fsdp``)."""
+"""``adamhd_dist.fsdp``: the public name of :mod:`adamhd_dist.distributed.fsdp` (the same module)."""
 
-from .distributed.fsdp import *  # noqa: F401,F403
-from .distributed.fsdp import __all__  # noqa: F401
+import sys
+
+from .distributed import fsdp as _impl
+
+sys.modules[__name__] = _impl

@@ -133,9 +133,23 @@ def train(engine, data, gas, micro, steps=None):
 
 def layout_summary(engine):
     """Per flat tensor on this rank: its size and its fragments (layer name, start, numel, offset in layer)."""
-    lay = engine._adamhd_optimizer.layout
+    lay = engine._adamhd_optimizer.layer_stats.layout
     return [{"numel": flat.numel(), "fragments": [(lay.names[f.layer], f.start, f.numel, f.offset) for f in frags]}
             for flat, frags in lay.fragments.items()], dict(zip(lay.names, lay.numels))
+
+
+class PerPartition:
+    """A deliberately wrong layer-statistic strategy: every tensor the optimizer steps taken as one whole layer
+    (a flat partition included), as a layout-unaware optimizer does. Built lazily: the class needs adamhd_dist."""
+
+    def __new__(cls):
+        from adamhd_dist.optim.layer_stats import LayerStats
+
+        class _PerPartition(LayerStats):
+            def places(self, p):
+                return True
+
+        return _PerPartition()
 
 
 def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
@@ -156,7 +170,7 @@ def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
     opt = engine._adamhd_optimizer
     summary = layout_summary(engine)
     counts = {"reduce": 0, "inner_step": 0}
-    lay = opt.layout
+    lay = opt.layer_stats.layout
     reduce = lay.reduce
 
     def counted_reduce(t):
@@ -172,7 +186,7 @@ def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
 
     opt.step = counted_step
     if naive:  # what an optimizer unaware of the layout computes: one "layer" per flat partition
-        opt.set_layout(None)
+        opt.set_layer_stats(PerPartition())
     losses = train(engine, batches(steps), gas, micro)
     out = {"params": module_params(engine), "counts": counts, "layout": summary, "losses": losses,
            "optimizer": type(engine.optimizer).__name__}
@@ -244,7 +258,7 @@ def low_precision_deltas(world, stage, steps=4, **cfg_kw):
 
     init_dist()
     engine, gas, micro = _engine(world, stage, **cfg_kw)
-    lay = engine._adamhd_optimizer.layout
+    lay = engine._adamhd_optimizer.layer_stats.layout
     c, beta = OPT["delta_scale"], OPT["delta_beta"]
     mu: dict[str, float] = {}
     worst, losses, checked = 0.0, [], 0

@@ -20,7 +20,18 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.debug import CommDebugMode
 
 from adamhd_dist import AdamHD, layer_deltas, param_groups
+from adamhd_dist.distributed.dtensor import DTensorLayerStats
 from adamhd_dist.fsdp import apply_fsdp
+
+
+class PerShard(DTensorLayerStats):
+    """A deliberately wrong strategy: each rank's shard taken as the layer (local sums, local numel, no reduction)."""
+
+    def reduce(self, sums, params):
+        return sums
+
+    def layer_numel(self, p):
+        return p.to_local().numel()
 
 STEPS = 10
 GLOBAL_BATCH = 12  # divisible by 2, 3 and 4 ranks
@@ -222,8 +233,7 @@ def run_config(mesh, ref, *, steps=STEPS, mp_policy=None, offload_policy=None, c
     shadow = (shadow_model, AdamHD(param_groups(shadow_model, WD), **HP, **(group_options or {})))
     if naive:
         # What a per-shard statistic would give: local sums, local numel, no reduction.
-        opt.reduce_layer_sums = lambda sums: sums
-        opt.layer_numel = lambda p: p.to_local().numel()
+        opt.set_layer_stats(PerShard())
     run = train_sharded(model, opt, mesh, steps, clip=clip, compile_model=compile_model, shadow=shadow)
     params = full_params(model)
     shadow_params = {n: p.detach().clone() for n, p in shadow_model.named_parameters()}
@@ -362,15 +372,15 @@ def dtensor_reduction_oracle(model, opt):
                 continue
             for p in group["params"]:
                 mu[names[p]] = p.detach().abs().float().mean().full_tensor().item()
-    sums = opt._local_abs_sums([p for g in opt.param_groups if g["weight_decay"] != 0 for p in g["params"]])
-    reduced = opt.reduce_layer_sums(sums)
+    reduced = opt.layer_stats.layer_sums([p for g in opt.param_groups if g["weight_decay"] != 0
+                                          for p in g["params"]])
     ours = {}
     i = 0
     for group in opt.param_groups:
         if group["weight_decay"] == 0:
             continue
         for p in group["params"]:
-            ours[names[p]] = reduced[i].item() / opt.layer_numel(p)
+            ours[names[p]] = reduced[i].item() / opt.layer_stats.layer_numel(p)
             i += 1
     err = max(abs(ours[n] - mu[n]) / mu[n] for n in mu)
     return dict(err=err, collectives=comm.get_total_counts(), layers=len(mu))
@@ -520,4 +530,4 @@ def two_dim_sharded(mesh):
                     for p, rp in zip(params, ref_params))
     plain_err = (plain - ref_plain).abs().max().item()
     return dict(delta_err=delta_err, param_err=param_err, plain_err=plain_err, comm=comm_counts,
-                group_ranks=group_ranks, plan_dims=opt.dtensor_stats.plan().dims)
+                group_ranks=group_ranks, plan_dims=opt.layer_stats.plan().dims)

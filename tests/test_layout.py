@@ -11,7 +11,8 @@ import torch
 from conftest import PATHS
 
 import adamhd_dist
-from adamhd_dist.distributed.layout import FlatLayout, Fragment
+from adamhd_dist.distributed.layout import FlatLayerStats, FlatLayout, Fragment
+from adamhd_dist.optim.layer_stats import UnplacedTensorError
 
 SHAPES = {"a": (7, 5), "b": (11,), "c": (3, 4)}
 HP = dict(lr=3e-2, betas=(0.9, 0.95), weight_decay=0.2, delta_scale=1.0, delta_beta=0.8)
@@ -57,7 +58,7 @@ def make_flat_optimizer(full, **kw):
     f0, f1 = fragments(half)
     numels = [torch.Size(s).numel() for s in SHAPES.values()]
     lay = FlatLayout(list(SHAPES), numels, [0, 0, 0], {p0: f0, p1: f1}, None, list(SHAPES.values()))
-    opt.set_layout(lay)
+    opt.set_layer_stats(FlatLayerStats(lay))
     return opt, (p0, p1), half
 
 
@@ -83,7 +84,8 @@ def test_flat_layout_equals_separate_layers(path, mode):
         ref.step()
         opt.begin_step()
         opt.step()
-        state = opt.layout.split_layers(opt.layout.scatter_local(lambda f: f))
+        lay = opt.layer_stats.layout
+        state = lay.split_layers(lay.scatter_local(lambda f: f))
         for n in SHAPES:
             torch.testing.assert_close(state[n], ref_params[n].detach(), rtol=0, atol=2e-7)
         assert adamhd_dist.layer_deltas(opt) == pytest.approx(adamhd_dist.layer_deltas(ref), rel=1e-6)
@@ -173,7 +175,7 @@ def test_state_dict_keeps_mu_by_name_and_describes_the_layout():
     assert sd["flat_layout"][1]["fragments"] == [("a", 0, 4, 31), ("b", 4, 11, 0), ("c", 15, 12, 0)]
     opt2, parts2, _ = make_flat_optimizer(full)
     opt2.load_state_dict(sd)
-    assert torch.equal(opt2.layout.mu, opt.layout.mu) and bool(opt2.layout.has_mu.all())
+    assert torch.equal(opt2.layer_state.mu, opt.layer_state.mu) and bool(opt2.layer_state.has_mu.all())
     assert adamhd_dist.layer_deltas(opt2) == adamhd_dist.layer_deltas(opt)
 
 
@@ -202,3 +204,62 @@ def test_bad_layer_tables_are_refused():
         FlatLayout(["x", "x"], [1, 1], [0, 0], {}, None)
     with pytest.raises(ValueError, match="does not hold"):
         FlatLayout(["x"], [6], [0], {}, None, [(2, 2)])
+
+
+def test_a_flat_partition_without_its_layout_is_refused():
+    """What DeepSpeed hands AdamHD when nobody attached the layout: the optimizer's params replaced by flat
+    partitions. The step stops with the fix named instead of taking each partition as one layer."""
+    full = reference_params()
+    given = [torch.nn.Parameter(t.clone()) for t in full.values()]
+    opt = adamhd_dist.AdamHD(given, **HP)
+    p0, p1, _ = split_into_partitions(full)
+    parts = (torch.nn.Parameter(p0), torch.nn.Parameter(p1))
+    opt.param_groups[0]["params"] = list(parts)  # as ZeRO-1/2 do: one flat partition per group and rank
+    set_flat_grads(parts, grads(0))
+    before = [p.detach().clone() for p in parts]
+    with pytest.raises(UnplacedTensorError, match=r"adamhd_dist\.deepspeed\.attach\(engine\)"):
+        opt.step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, parts))  # nothing was stepped
+    # the same flat tensors with their layout step exactly as the separate layers (previous tests)
+    f0, f1 = fragments(p0.numel())
+    numels = [torch.Size(s).numel() for s in SHAPES.values()]
+    opt.set_layer_stats(FlatLayerStats(FlatLayout(list(SHAPES), numels, [0, 0, 0], {parts[0]: f0, parts[1]: f1},
+                                                  None)))
+    opt.begin_step()
+    opt.step()
+    assert not torch.equal(before[0], parts[0].detach())
+
+
+def test_elementwise_groups_step_any_tensor():
+    """A group without a statistic (no decay, or a constant δ) is elementwise: exact on any piece of a layer, so
+    an engine's flat partition steps there without a layout."""
+    for kw in (dict(weight_decay=0.0), dict(delta_mode="constant", delta=0.5)):
+        opt = adamhd_dist.AdamHD([torch.nn.Parameter(torch.ones(3))], lr=0.1, **kw)
+        flat = torch.nn.Parameter(torch.ones(8))
+        opt.param_groups[0]["params"] = [flat]
+        flat.grad = torch.ones(8)
+        opt.step()
+        assert torch.all(flat.detach() < 1.0)
+
+
+def test_whole_layer_replacements_are_placed():
+    """An engine that replaces each parameter by a same-shaped copy (DeepSpeed's stage-0 fp16/bf16 optimizer keeps
+    fp32 masters) hands the optimizer whole layers: stepped as the layers they replace, δ from each copy."""
+    full = reference_params()
+    ref_params = [torch.nn.Parameter(t.clone()) for t in full.values()]
+    ref = adamhd_dist.AdamHD(ref_params, **HP)
+    opt = adamhd_dist.AdamHD([torch.nn.Parameter(t.to(torch.bfloat16)) for t in full.values()], **HP)
+    copies = [torch.nn.Parameter(t.clone()) for t in full.values()]
+    opt.param_groups[0]["params"] = copies
+    for step in range(3):
+        g = grads(step)
+        for p, c, n in zip(ref_params, copies, SHAPES):
+            p.grad, c.grad = g[n].clone(), g[n].clone()
+        ref.step()
+        opt.step()
+    for p, c in zip(ref_params, copies):
+        assert torch.equal(p.detach(), c.detach())
+    # a copy of another shape at that position is not that layer
+    opt.param_groups[0]["params"] = [copies[1], copies[0], copies[2]]
+    with pytest.raises(UnplacedTensorError):
+        opt.step()

@@ -10,9 +10,11 @@ fp32 tensors in which layer boundaries are gone. A :class:`FlatLayout` puts them
   holds which part of which layer (padding belongs to no fragment and is not an element of any layer);
 - the reduction that sums a per-layer vector over the ranks that shard the layers (ONE collective).
 
-The layout also keeps the per-layer state that does not depend on the world size: μ (``delta_ema``) and whether a
-layer has one yet, by layer index and therefore by name. Nothing here knows an engine; the engine adapters
-(:mod:`adamhd_dist.deepspeed`) build layouts from the engine's own bookkeeping.
+The layout is geometry only; the per-layer state (μ) lives in the optimizer (``AdamHD.layer_state``).
+:class:`FlatLayerStats` is the optimizer's layer-statistic strategy over a layout: it splits each flat tensor into
+per-layer units and sums every layer's ``Σ|θ|`` over the ranks once per training step. Nothing here knows an
+engine; the engine adapters (:mod:`adamhd_dist.integrations.deepspeed`) build layouts from the engine's own
+bookkeeping.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Fragment", "FlatLayout"]
+from ..optim.layer_stats import LayerStats
+
+__all__ = ["Fragment", "FlatLayout", "FlatLayerStats"]
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,6 @@ class FlatLayout:
         self.device = next(iter(fragments)).device if fragments else torch.device("cpu")
         for flat, frags in fragments.items():
             self.add_flat(flat, frags)
-        n = len(self.names)
-        # world-size independent per-layer state
-        self.mu = torch.zeros(n, dtype=torch.float32, device=self.device)
-        self.has_mu = torch.zeros(n, dtype=torch.bool, device=self.device)
-        self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=self.device)  # δ at latest step
-        # per training step: reduced Σ|θ| per layer, consumed by the first inner step after begin_step()
-        self.pending_sums: tuple[Tensor | None, list] | None = None  # (reduced sums, δ setting per layer)
-        self.ready = False
-        # flat tensor -> (Σ|θ| per fragment after its last update, version counter, address)
-        self.sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
 
     def add_flat(self, flat: Tensor, frags: list[Fragment]) -> None:
         if flat.device != self.device:
@@ -167,9 +161,11 @@ class FlatLayout:
         """int64 layer index of every fragment of ``flat``, in fragment order."""
         return self._splits[flat][2]
 
-    def local_sums(self, layers: set[int] | None = None) -> Tensor:
-        """fp64 ``(L,)``: this rank's ``Σ|θ|`` of every layer (0 for layers it holds nothing of), from the last
-        update's by-product where the flat tensor is unchanged since, else read afresh in one call."""
+    def local_sums(self, layers: set[int] | None = None,
+                   cache: dict[Tensor, tuple[Tensor, int, int]] | None = None) -> Tensor:
+        """fp64 ``(L,)``: this rank's ``Σ|θ|`` of every layer (0 for layers it holds nothing of). ``cache`` maps a
+        flat tensor to (Σ|θ| per fragment after its last update, version counter, address): used where the flat
+        tensor is unchanged since; the rest is read afresh in one call."""
         from ..optim.stats import layer_abs_sums
 
         out = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
@@ -179,7 +175,7 @@ class FlatLayout:
                 frags = [f for f in frags if f.layer in layers]
             if not frags:
                 continue
-            hit = self.sum_cache.get(flat)
+            hit = cache.get(flat) if cache is not None else None
             if hit is not None and hit[1] == flat._version and hit[2] == flat.data_ptr() \
                     and hit[0].numel() == len(self.fragments[flat]):
                 # sums of every fragment, needed or not: entries of layers without a statistic are never read
@@ -191,9 +187,6 @@ class FlatLayout:
             sums = layer_abs_sums(todo_views).to(self.device, torch.float64)
             out.index_add_(0, torch.tensor(todo_layers, dtype=torch.long, device=self.device), sums)
         return out
-
-    def remember_sums(self, flat: Tensor, frag_sums: Tensor) -> None:
-        self.sum_cache[flat] = (frag_sums, flat._version, flat.data_ptr())
 
     def scatter_local(self, tensor_of: Callable[[Tensor], Tensor | None]) -> Tensor:
         """fp32 ``(Σ numel,)``: every layer's elements this rank holds, at their place in the concatenation of
@@ -234,25 +227,55 @@ class FlatLayout:
                       "fragments": [(self.names[f.layer], f.start, f.numel, f.offset) for f in frags]}
         return out
 
-    # ---------------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ: the same on every rank and at
-        every world size."""
-        mu, has = self.mu.cpu(), self.has_mu.cpu()
-        return {name: {"delta_ema": mu[i].clone()} for i, name in enumerate(self.names) if has[i]}
 
-    def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
-        unknown = sorted(set(state) - set(self.index))
-        if unknown and strict:
-            raise ValueError(f"checkpoint has layer state for {len(unknown)} layer(s) this model does not have, "
-                             f"e.g. {unknown[:3]}")
-        self.mu.zero_()
-        self.has_mu.zero_()
-        for name, st in state.items():
-            i = self.index.get(name)
-            if i is None or "delta_ema" not in st:
-                continue
-            self.mu[i] = torch.as_tensor(st["delta_ema"], dtype=torch.float32).reshape(())
-            self.has_mu[i] = True
-        self.sum_cache.clear()
-        self.delta.fill_(float("nan"))
+
+class FlatLayerStats(LayerStats):
+    """The layer-statistic strategy over a :class:`FlatLayout`: each flat tensor the optimizer steps is split into
+    its fragments (views, one per layer piece, each with its layer's δ), and every layer's ``Σ|θ|`` is summed over
+    the ranks once per training step (``AdamHD.begin_step``, which the engine adapter calls before the engine's
+    per-group or per-sub-group inner steps)."""
+
+    flat = True
+    kind = "flat per-rank buffers described by a FlatLayout"
+
+    def __init__(self, layout: FlatLayout):
+        super().__init__()
+        if not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        self.layout = layout
+
+    def places(self, p: Tensor) -> bool:
+        return p in self.layout
+
+    def layer_sums(self, layers: set[int] | None = None) -> Tensor:
+        """fp64 ``(L,)``: every layer's whole ``Σ|θ|`` (only ``layers`` filled when given), in ONE collective."""
+        sums = self.layout.local_sums(layers, self._sums)
+        return self.layout.reduce(sums) if self.layout.reduce is not None else sums
+
+    def remember(self, p: Tensor, sums: Tensor) -> None:
+        self._sums[p] = (sums, p._version, p.data_ptr())
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self.layout.clear_views()
+
+    def units(self, ps: list[Tensor], states: list[dict], steps: list[float], layer_delta: Tensor):
+        """Each flat tensor of a decayed group replaced by its layer fragments (views), each with its layer's δ:
+        ``(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, owners)`` with ``owners`` = ``[(flat, number of
+        fragments)]`` in order."""
+        lay = self.layout
+        out_p, out_g, out_m, out_v, out_t, out_d, owners = [], [], [], [], [], [], []
+        for p, st, t in zip(ps, states, steps):
+            frags = lay.fragments.get(p)
+            if frags is None:
+                raise RuntimeError(f"a tensor of {p.numel()} elements in a decayed param group is not in the "
+                                   f"optimizer's flat layout")
+            out_p += lay.persistent_views(p, p, "param")
+            out_g += lay.fragment_views(p, p.grad)
+            out_m += lay.persistent_views(p, st["exp_avg"], "exp_avg")
+            out_v += lay.persistent_views(p, st["exp_avg_sq"], "exp_avg_sq")
+            out_t += [t] * len(frags)
+            out_d.append(layer_delta[lay.fragment_layers(p)])
+            owners.append((p, len(frags)))
+        ds = torch.cat(out_d) if out_d else torch.zeros(0)
+        return out_p, out_g, out_m, out_v, out_t, ds, owners

@@ -11,7 +11,7 @@ every path treats each list entry as one layer with its own δ. ``steps`` are th
 update (already incremented by the caller); the per-layer thresholds ``deltas`` are computed by the caller from
 the layer statistic (see :mod:`adamhd_dist.optim.stats`), because on a sharded model that statistic needs a collective.
 
-Per element, in fp32 (``τ = lr·weight_decay``)::
+Per element, in fp32 (fp64 for fp64 parameters; ``τ = lr·weight_decay``)::
 
     m ← m + (1−β1)(g − m);   v ← β2·v + (1−β2)·g²
     d = sqrt(v)/sqrt(1−β2^t) + ε;   a = lr/(1−β1^t)
@@ -189,19 +189,20 @@ def _grad_scale_value(grad_scale):
 
 def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
                           weight_decay, decay, bias_correction, grad_scale):
-    """The reference: one tensor at a time, every intermediate in fp32, easy to read."""
+    """The reference: one tensor at a time, every intermediate in fp32 (fp64 for an fp64 parameter), easy to read."""
     step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     delta_list = _delta_list(deltas, len(params))
     scale = _grad_scale_value(grad_scale)
     tau = lr * weight_decay
     skipped = 0
     for i, param in enumerate(params):
-        g = grads[i].to(torch.float32, copy=True)
+        ct = _compute_dtype(param)
+        g = grads[i].to(ct, copy=True)
         if scale is not None:
             g.div_(scale)
-        x = param.detach().to(torch.float32, copy=True)
-        m = exp_avgs[i].to(torch.float32, copy=True)
-        v = exp_avg_sqs[i].to(torch.float32, copy=True)
+        x = param.detach().to(ct, copy=True)
+        m = exp_avgs[i].to(ct, copy=True)
+        v = exp_avg_sqs[i].to(ct, copy=True)
         delta = delta_list[i]
 
         m.lerp_(g, 1.0 - beta1)
@@ -216,19 +217,38 @@ def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *
         finite = torch.isfinite(g)
         if not bool(finite.all()):
             skipped += int((~finite).sum())
-            x = torch.where(finite, x, param.detach().float())
-            m = torch.where(finite, m, exp_avgs[i].float())
-            v = torch.where(finite, v, exp_avg_sqs[i].float())
+            x = torch.where(finite, x, param.detach().to(ct))
+            m = torch.where(finite, m, exp_avgs[i].to(ct))
+            v = torch.where(finite, v, exp_avg_sqs[i].to(ct))
         param.detach().copy_(x)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
     return torch.tensor(skipped, dtype=torch.int64, device=params[0].device)
 
 
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype the update is computed in for parameter ``p``: fp64 for fp64 parameters, else fp32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
                          weight_decay, decay, bias_correction, grad_scale):
-    """``torch._foreach_*`` over the whole list. Tensors whose gradient has a non-finite element take the
-    reference path (which masks those elements); this costs one extra read of the gradients."""
+    """``torch._foreach_*`` over the whole list (one pass per compute dtype: fp64 parameters are updated in fp64,
+    the rest in fp32). Tensors whose gradient has a non-finite element take the reference path (which masks those
+    elements); this costs one extra read of the gradients."""
+    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64]
+    if wide and len(wide) < len(params):
+        narrow = [i for i in range(len(params)) if params[i].dtype != torch.float64]
+        skipped = None
+        for idx in (narrow, wide):
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            d = None if deltas is None else pick(_delta_list(deltas, len(params)))
+            n_bad = _multi_tensor_adamhd(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                                         pick(list(steps)), d, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                         weight_decay=weight_decay, decay=decay, bias_correction=bias_correction,
+                                         grad_scale=grad_scale)
+            skipped = n_bad if skipped is None else skipped + n_bad
+        return skipped
     n = len(params)
     step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     delta_list = _delta_list(deltas, n)
@@ -249,15 +269,18 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
     if not good:
         return skipped
 
-    # Work in fp32; low-precision storage gets fp32 copies that are written back at the end.
-    def f32(ts):
-        return [t.detach() if t.dtype == torch.float32 else t.detach().float() for t in ts]
+    # Work in the compute dtype (fp32, or fp64 for fp64 parameters); storage of another dtype gets copies that are
+    # written back at the end.
+    ct = _compute_dtype(params[good[0]])
+
+    def work(ts):
+        return [t.detach() if t.dtype == ct else t.detach().to(ct) for t in ts]
 
     ps = [params[i] for i in good]
     ms_store = [exp_avgs[i] for i in good]
     vs_store = [exp_avg_sqs[i] for i in good]
-    x, m, v = f32(ps), f32(ms_store), f32(vs_store)
-    g = [grads[i].detach().float() for i in good]
+    x, m, v = work(ps), work(ms_store), work(vs_store)
+    g = [grads[i].detach().to(ct) for i in good]
     if grad_scale is not None:
         g = torch._foreach_div(g, grad_scale if not isinstance(grad_scale, Tensor) else grad_scale.item())
     ds = [delta_list[i] for i in good]
@@ -280,14 +303,17 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
         torch._foreach_clamp_min_(c, neg_ds)
         torch._foreach_add_(x, c, alpha=-tau)
 
-    for store, work in ((ps, x), (ms_store, m), (vs_store, v)):
-        pairs = [(s, w) for s, w in zip(store, work) if s.dtype != torch.float32]
+    for store, computed in ((ps, x), (ms_store, m), (vs_store, v)):
+        pairs = [(s, w) for s, w in zip(store, computed) if s.dtype != ct]
         if pairs:
             torch._foreach_copy_([s.detach() for s, _ in pairs], [w for _, w in pairs])
     return skipped
 
 
 _DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
+# what the fused kernels store and load (other dtypes take the foreach path inside fused=True)
+_CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
@@ -311,13 +337,32 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     groups = _group_by_kind(params, grads, exp_avgs, exp_avg_sqs)
     if groups is None:  # one kind: no per-group sub-lists
-        groups = {(device,): range(len(params))}
-    for (dev, *_), idx in groups.items():
+        groups = {(device, params[0].dtype, grads[0].dtype, exp_avgs[0].dtype, exp_avg_sqs[0].dtype):
+                  range(len(params))}
+    for (dev, *dtypes), idx in groups.items():
         whole = len(idx) == len(params)
         pick = (lambda xs: list(xs)) if whole else (lambda xs: [xs[i] for i in idx])  # noqa: E731
         # The kernels write through raw pointers (no autograd), so no detach() per tensor is needed.
         p, g, m, v = (pick(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
-        if dev.type == "cuda" or FUSED_CPU_BACKEND == "triton":
+        triton = dev.type == "cuda" or FUSED_CPU_BACKEND == "triton"
+        supported = _TRITON_DTYPES if triton else _CPU_KERNEL_DTYPES
+        if not all(dt in supported for dt in dtypes):
+            # dtypes the kernel does not take (fp64; fp16 on the CPU): the foreach path, same math
+            d = None if deltas is None else pick(_delta_list(deltas, len(params)))
+            skipped = skipped + _multi_tensor_adamhd(
+                p, g, m, v, pick(list(steps)), d, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, decay=decay, bias_correction=bias_correction,
+                grad_scale=grad_scale).to(device)
+            if abs_sums_out is not None:
+                from .stats import layer_abs_sums
+
+                sums = layer_abs_sums(p).to(abs_sums_out)
+                if whole:
+                    abs_sums_out.copy_(sums)
+                else:
+                    abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums
+            continue
+        if triton:
             from .kernels import triton_adamhd
 
             if not triton_adamhd.available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -11,17 +12,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from ..distributed.layout import FlatLayout
-from .stats import DELTA_MODES, layer_abs_sums, update_deltas
+from .layer_stats import (FSDP1_MESSAGE, UNPLACED_FIXES, LayerStats, UnplacedTensorError, auto_strategy,
+                          is_dtensor)
+from .stats import DELTA_MODES, DeltaSetting, advance_deltas, delta_setting
 
 __all__ = ["AdamHD"]
 
 # Keys an AdamW param group has that AdamHD does not use; dropped when loading an AdamW state_dict.
 _ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor" or (hasattr(t, "to_local") and hasattr(t, "device_mesh"))
 
 
 def _is_number(x) -> bool:
@@ -120,10 +118,21 @@ class AdamHD(Optimizer):
         decay: ``"prox"`` (default) or ``"clip"``.
         bias_correction: Adam's bias correction (default True).
         foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device.
+        layer_stats: how the parameters map to layers and how a layer's ``Σ|θ|`` is summed across ranks (a
+            :class:`~adamhd_dist.optim.layer_stats.LayerStats`). Default: whole layers on this process, or the
+            DTensor strategy (one collective per step over the shards) when a parameter is a DTensor, which the
+            optimizer sets up by itself. Engine integrations set a flat-layout strategy
+            (:func:`adamhd_dist.deepspeed.attach`).
 
     Every argument can be set per param group. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (as
     AdamW, so AdamW checkpoints load) and ``delta_ema`` (μ, fp32 0-d) in ``"ema"`` mode with
     ``weight_decay > 0``. Groups with ``weight_decay == 0`` need and compute no statistic.
+
+    AdamHD never steps a tensor it cannot place in a layer: a tensor in a group that needs the statistic which is
+    neither a parameter it was given, nor covered by its layer-statistic strategy, nor a DTensor, stops the step
+    with an :class:`~adamhd_dist.optim.layer_stats.UnplacedTensorError` naming the fix (this is what a ZeRO
+    partition looks like when DeepSpeed was started without :func:`adamhd_dist.deepspeed.attach`). Parameters
+    swapped in place for DTensors (Accelerate's FSDP2 ``prepare``) are recognised and reduced exactly.
 
     A gradient element that is not finite leaves that element's parameter and moments unchanged and is reported
     with a warning (the run is not silently poisoned); with ``torch.amp.GradScaler`` a step with ``found_inf``
@@ -156,43 +165,39 @@ class AdamHD(Optimizer):
         bias_correction: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
+        layer_stats: LayerStats | None = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, delta_mode=delta_mode, delta_scale=delta_scale,
                         delta_beta=delta_beta, delta=delta, decay=decay, bias_correction=bias_correction,
                         foreach=foreach, fused=fused)
         check_hyperparameters(defaults)
-        # Engine integrations set this: called with the stacked local partial sums of every layer, returns the
-        # sums over the ranks that shard them (one collective). None: layers are whole on this process.
-        self.reduce_layer_sums: Callable[[Tensor], Tensor] | None = None
-        # Engine integrations may set this: param -> number of elements of the WHOLE layer it belongs to.
-        self.layer_numel: Callable[[Tensor], int] | None = None
-        # Engine integrations may set this: param -> the local tensor to update (e.g. DTensor.to_local()).
-        self.local_tensor: Callable[[Tensor], Tensor] | None = None
-        # Engine integrations set this when the optimizer's params are flat per-rank buffers holding parts of many
-        # layers (ZeRO): see adamhd_dist.distributed.layout. The engine then calls begin_step() once per training step.
-        self.layout: FlatLayout | None = None
-        self._loaded_layer_state: dict | None = None
-        self._last_deltas: dict[Tensor, float] | tuple = {}
-        self._pending_nonfinite: list[tuple[int, Tensor]] = []
-        # param -> (Σ|θ| after its last update, version counter and address of the updated tensor): the next
-        # step's statistic, produced by the update itself. Used only while the tensor is provably unchanged.
-        self._abs_sum_cache: dict[Tensor, tuple[Tensor, int, int]] = {}
+        self._init_attributes()
         super().__init__(params, defaults)
+        self.set_layer_stats(layer_stats if layer_stats is not None else self.layer_stats)
+
+    def _init_attributes(self) -> None:
+        self.__dict__.setdefault("layer_stats", LayerStats())
+        # per-layer state of a flat strategy (μ by layer, world-size independent), else None
+        self.__dict__.setdefault("layer_state", None)
+        # id(param) -> weakref: the tensors this optimizer was given (constructor, add_param_group), and per param
+        # group (by identity) the shapes it was given in order
+        self.__dict__.setdefault("_given", {})
+        self.__dict__.setdefault("_given_shapes", {})
+        self.__dict__.setdefault("_loaded_layer_state", None)
+        # flat strategy, one training step: (reduced Σ|θ| per layer, δ setting per layer) from begin_step(), and the
+        # δ per layer once the first inner step computed it
+        self.__dict__.setdefault("_pending", None)
+        self.__dict__.setdefault("_layer_delta", None)
+        self.__dict__.setdefault("_last_deltas", {})
+        self.__dict__.setdefault("_pending_nonfinite", [])
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self.__dict__.setdefault("reduce_layer_sums", None)
-        self.__dict__.setdefault("layer_numel", None)
-        self.__dict__.setdefault("local_tensor", None)
-        self.__dict__.setdefault("layout", None)
-        self.__dict__.setdefault("_loaded_layer_state", None)
-        self.__dict__.setdefault("_last_deltas", {})
-        self.__dict__.setdefault("_pending_nonfinite", [])
-        self.__dict__.setdefault("_abs_sum_cache", {})
+        self._init_attributes()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -201,29 +206,95 @@ class AdamHD(Optimizer):
             if isinstance(group.get("betas"), list):
                 group["betas"] = tuple(group["betas"])
             check_hyperparameters(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
+                if getattr(p, "_fsdp_flattened", False):  # FSDP1 flat-parameter views
+                    raise ValueError(f"params: {FSDP1_MESSAGE}")
         except ValueError:
             self.param_groups.pop()
             raise
         for p in group["params"]:
-            if p.is_complex():
-                self.param_groups.pop()
-                raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
-        if any(getattr(p, "_fsdp_flattened", False) for p in group["params"]):  # FSDP1 flat-parameter views
-            self.param_groups.pop()
-            from ..distributed.fsdp import fsdp1_unsupported_error
+            self._given[id(p)] = weakref.ref(p)
+        self._given_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
+        if self.layer_stats.optimizer is self:
+            self.layer_stats.bind(self)  # re-validate against the new group (e.g. a DTensor on another mesh)
+        self._adopt_dtensors(group["params"])
 
-            raise fsdp1_unsupported_error()
-        if self.reduce_layer_sums is None and any(_is_dtensor(p) for p in group["params"]):
-            # FSDP2 / DTensor parameters: the layer statistic is reduced over the shard dimension(s).
-            from ..distributed.dtensor import install_dtensor_hooks
+    # ----------------------------------------------------------------------------------------------------------
+    # the layer-statistic strategy
+    def set_layer_stats(self, stats: LayerStats) -> None:
+        """Use ``stats`` for where the layers are and how their statistic is summed (see
+        :mod:`adamhd_dist.optim.layer_stats`). Engine integrations call this; a flat strategy gets its state up
+        front (step 0, zero moments) so engines can map and checkpoint it before the first step, and the per-layer
+        state a checkpoint loaded before it existed."""
+        if not isinstance(stats, LayerStats):
+            raise TypeError(f"layer_stats must be a LayerStats, got {type(stats).__name__}")
+        stats.bind(self)
+        self.layer_stats = stats
+        self._pending, self._layer_delta = None, None
+        if not stats.flat:
+            self.layer_state = None
+            return
+        self.layer_state = LayerState(stats.layout.names, stats.layout.device)
+        for flat in stats.layout.fragments:
+            self._init_state(flat)
+        if self._loaded_layer_state is not None:
+            self.layer_state.load_state_dict(self._loaded_layer_state, strict=False)
+            self._loaded_layer_state = None
 
-            install_dtensor_hooks(self)
+    def _adopt_dtensors(self, params) -> None:
+        """Set up the DTensor strategy when DTensor parameters appear (given, or swapped in place by an engine)."""
+        if type(self.layer_stats) is LayerStats and any(is_dtensor(p) for p in params):
+            stats = auto_strategy(self, params)
+            if stats is None:
+                raise UnplacedTensorError("AdamHD has DTensor parameters but no DTensor strategy is registered "
+                                          "(import adamhd_dist before building the optimizer)")
+            self.set_layer_stats(stats)
+
+    def _is_given(self, p: Tensor) -> bool:
+        ref = self._given.get(id(p))
+        return ref is not None and ref() is p
+
+    def _check_placement(self, work) -> None:
+        """Refuse to step a tensor whose layer statistic would be wrong. A tensor is placed when it is one this
+        optimizer was given, one its strategy places (a flat partition of a layout), a DTensor (adopted here: an
+        engine swapped it in place), or a whole-layer replacement: it has the shape of the tensor given at its
+        position in the same param group, the group holding as many tensors as given (an engine's fp32 master
+        copies, e.g. DeepSpeed's stage-0 fp16/bf16 optimizer) — it then holds every element of that one layer."""
+        stats = self.layer_stats
+        for group, ps, _ in work:
+            setting = delta_setting(group)
+            shapes = None
+            for p in ps:
+                if self._is_given(p) or stats.places(p):
+                    continue
+                if is_dtensor(p):
+                    self._adopt_dtensors([p])
+                    self._given[id(p)] = weakref.ref(p)
+                    stats = self.layer_stats
+                    if stats.flat:
+                        raise UnplacedTensorError("AdamHD has a flat layout and DTensor parameters at once")
+                    continue
+                if setting is None or not setting.needs_statistic:
+                    continue  # elementwise only: exact on any piece of a layer
+                if shapes is None:
+                    given = self._given_shapes.get(id(group))
+                    current = group["params"]
+                    shapes = {id(q): given[j] for j, q in enumerate(current)} \
+                        if given is not None and len(given) == len(current) else {}
+                if shapes.get(id(p)) == tuple(p.shape):
+                    continue
+                gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+                raise UnplacedTensorError(
+                    f"AdamHD was asked to step a tensor of shape {tuple(p.shape)} ({p.numel():,} elements) in param "
+                    f"group {gi} that it was not given and cannot place in a layer, so it cannot compute that "
+                    f"layer's Huber threshold δ (delta_mode={group['delta_mode']!r} needs each layer's mean |θ| "
+                    f"over the whole layer). This is what an engine that flattens or partitions parameters hands "
+                    f"the optimizer (DeepSpeed ZeRO, its BF16 optimizer). Fix:\n{UNPLACED_FIXES}")
 
     # ----------------------------------------------------------------------------------------------------------
     # state
-    def _needs_delta(self, group) -> bool:
-        return float(group["weight_decay"]) != 0.0 and group["delta_mode"] != "constant"
-
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if len(state) == 0 or "exp_avg" not in state:
@@ -232,13 +303,6 @@ class AdamHD(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _local(self, t: Tensor) -> Tensor:
-        return self.local_tensor(t) if self.local_tensor is not None else t
-
-    def _numel(self, p: Tensor) -> int:
-        return self.layer_numel(p) if self.layer_numel is not None else p.numel()
-
-    # ----------------------------------------------------------------------------------------------------------
     def _collect(self):
         """Per group: (group, params with grads, their states)."""
         work = []
@@ -254,202 +318,95 @@ class AdamHD(Optimizer):
             work.append((group, ps, states))
         return work
 
+    # ----------------------------------------------------------------------------------------------------------
+    # δ: from the strategy's whole-layer sums, by advance_deltas (the one place δ is computed)
     @torch.no_grad()
-    def _group_deltas(self, work) -> list[Tensor | None]:
-        """δ for every param that needs one, across ALL groups, with ONE reduction of the layer sums; updates μ
-        (``delta_ema``) in place. Returns one fp32 δ vector per entry of ``work`` (None where the group has no
-        decay). The statistic's params are the decayed groups' params that have a gradient, in order, so with one
-        δ setting each group's δ is a slice of one vector."""
-        stat_params, stat_states, stat_groups, spans = [], [], [], []
-        for group, ps, states in work:
-            if self._needs_delta(group):
-                spans.append((len(stat_params), len(ps)))
-                stat_params += ps
-                stat_states += states
-                stat_groups += [group] * len(ps)
-            else:
+    def _param_deltas(self, work) -> list[Tensor | None]:
+        """One layer per parameter: δ for every param that needs one, across ALL groups, with ONE reduction of the
+        layer sums; μ (``delta_ema``) advanced in the state. Returns one fp32 δ vector per entry of ``work``
+        (None where the group has no decay)."""
+        stats = self.layer_stats
+        layers, states, settings, spans = [], [], [], []
+        for group, ps, sts in work:
+            setting = delta_setting(group)
+            if setting is None or not ps:
                 spans.append(None)
-        out: list[Tensor | None] = [None] * len(work)
-        if stat_params:
-            sums = self._local_abs_sums(stat_params)
-            if self.reduce_layer_sums is not None:
-                sums = self.reduce_layer_sums(sums)
-            numels = [self._numel(p) for p in stat_params]
-            # groups may differ in mode/scale/beta: run the (cheap, vectorised) rule per distinct setting
-            settings: dict[tuple, list[int]] = {}
-            for i, g in enumerate(stat_groups):
-                settings.setdefault((g["delta_mode"], float(g["delta_scale"]), float(g["delta_beta"])), []).append(i)
-            d_all = None
-            for (mode, scale, beta), idx in settings.items():
-                # the usual case, one setting for every layer, needs no gather (an index tensor would be a
-                # host-to-device copy, which waits for the GPU)
-                whole = len(settings) == 1
-                sts = stat_states if whole else [stat_states[i] for i in idx]
-                has_mu = [("delta_ema" in st) for st in sts] if mode == "ema" else None
-                mus = None
-                if mode == "ema" and any(has_mu):
-                    old_mu = [st["delta_ema"] for st, h in zip(sts, has_mu) if h]
-                    if len(old_mu) == len(sts) and all(t.device == sums.device for t in old_mu):
-                        mus = torch.stack(old_mu)
-                    else:
-                        mus = torch.stack([st["delta_ema"].to(sums.device) if h
-                                           else torch.zeros((), device=sums.device) for st, h in zip(sts, has_mu)])
-                sel = None if whole else torch.tensor(idx, device=sums.device)
-                d, new_mu = update_deltas(sums if whole else sums[sel], numels if whole else [numels[i] for i in idx],
-                                          mus, has_mu, mode=mode, scale=scale, beta=beta)
-                if new_mu is not None:
-                    old = [j for j, h in enumerate(has_mu) if h]
-                    if old:  # one foreach copy instead of a copy per layer
-                        src = new_mu if len(old) == len(sts) else new_mu[torch.tensor(old, device=new_mu.device)]
-                        torch._foreach_copy_([sts[j]["delta_ema"] for j in old], list(src.unbind(0)))
-                    if len(old) < len(sts):
-                        ps = stat_params if whole else [stat_params[i] for i in idx]
-                        for j, h in enumerate(has_mu):
-                            if not h:
-                                sts[j]["delta_ema"] = new_mu[j].to(ps[j].device).clone()
-                if whole:
-                    d_all = d
-                else:
-                    if d_all is None:
-                        d_all = torch.empty(len(stat_params), dtype=torch.float32, device=d.device)
-                    d_all[sel] = d
-            for k, span in enumerate(spans):
-                if span is not None:
-                    out[k] = d_all[span[0]:span[0] + span[1]]
-        for k, (group, ps, _) in enumerate(work):
-            if group["delta_mode"] == "constant" and float(group["weight_decay"]) != 0.0 and ps:
-                out[k] = torch.full((len(ps),), float(group["delta"]), dtype=torch.float32, device=ps[0].device)
-        return out
-
-    def _local_abs_sums(self, params: list[Tensor]) -> Tensor:
-        """Σ|θ_local| per param: from the previous update's by-product when the tensor is unchanged since (same
-        version counter and address), else one fresh :func:`layer_abs_sums` call for the rest."""
-        locals_ = params if self.local_tensor is None else [self.local_tensor(p) for p in params]
-        cached, missing = {}, []
-        for i, (p, t) in enumerate(zip(params, locals_)):
-            hit = self._abs_sum_cache.get(p)
-            if hit is not None and hit[1] == t._version and hit[2] == t.data_ptr():
-                cached[i] = hit[0]
+                continue
+            spans.append((len(layers), len(ps)))
+            layers += ps
+            states += sts
+            settings += [setting] * len(ps)
+        if not layers:
+            return [None] * len(work)
+        stat = [i for i, st in enumerate(settings) if st.needs_statistic]
+        sums = None
+        if stat:
+            if len(stat) == len(layers):
+                sums = stats.layer_sums(layers)
             else:
-                missing.append(i)
-        if not cached:
-            return layer_abs_sums(locals_)
-        device = locals_[0].device
-        if not missing:  # the steady state: every sum comes from the last update
-            return torch.stack([cached[i] for i in range(len(params))]).to(device)
-        out = torch.empty(len(params), dtype=torch.float64, device=device)
-        idx = list(cached)
-        out[torch.tensor(idx, device=device)] = torch.stack([cached[i] for i in idx]).to(device)
-        if missing:
-            out[torch.tensor(missing, device=device)] = layer_abs_sums([locals_[i] for i in missing]).to(device)
-        return out
+                sums = torch.zeros(len(layers), dtype=torch.float64)
+                part = stats.layer_sums([layers[i] for i in stat])
+                sums = sums.to(part.device)
+                sums[torch.tensor(stat, device=part.device)] = part
+        device = sums.device if sums is not None else stats.local(layers[0]).device
+        has = ["delta_ema" in st for st in states]
+        mus = torch.stack([st["delta_ema"].to(device) if h else torch.zeros((), device=device)
+                           for st, h in zip(states, has)]) if any(has) else torch.zeros(len(layers), device=device)
+        numels = [stats.layer_numel(p) for p in layers] if stat else [1] * len(layers)
+        deltas, new_mu, new_has = advance_deltas(settings, sums, numels, mus, has)
+        ema = [i for i, st in enumerate(settings) if st.mode == "ema"]
+        if ema:
+            old = [i for i in ema if has[i]]
+            if old:  # one foreach copy instead of a copy per layer
+                src = new_mu if len(old) == len(layers) else new_mu[torch.tensor(old, device=new_mu.device)]
+                torch._foreach_copy_([states[i]["delta_ema"] for i in old], list(src.unbind(0)))
+            for i in ema:
+                if not has[i]:
+                    states[i]["delta_ema"] = new_mu[i].to(layers[i].device).clone()
+        return [None if span is None else deltas[span[0]:span[0] + span[1]] for span in spans]
+
+    def _layer_settings(self) -> list[DeltaSetting | None]:
+        per_group = [delta_setting(g) for g in self.param_groups]
+        return [per_group[g] for g in self.layer_stats.layout.groups]
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Start a training step of a flat-layout optimizer: sum this rank's part of every layer's ``Σ|θ|`` over the
+        ranks in ONE collective. Engines call it once per training step before they call :meth:`step` (once per
+        param group or sub-group); μ changes only when :meth:`step` runs, so a step the engine skips (fp16
+        overflow) leaves it untouched. Does nothing without a flat strategy."""
+        stats = self.layer_stats
+        if not stats.flat:
+            return
+        settings = self._layer_settings()
+        need = {i for i, st in enumerate(settings) if st is not None and st.needs_statistic}
+        sums = stats.layer_sums(None if len(need) == len(settings) else need) if need else None
+        self._pending = (sums, settings)
+        self._layer_delta = None
+
+    def _flat_deltas(self) -> Tensor:
+        """δ per layer of a flat layout for this training step (computed, and μ advanced, on the first inner step
+        after :meth:`begin_step`)."""
+        if self._pending is None:
+            if self._layer_delta is not None:
+                return self._layer_delta
+            raise RuntimeError("AdamHD has a flat layout but begin_step() was not called before step(): step it "
+                               "through its engine (adamhd_dist.deepspeed.attach or initialize)")
+        sums, settings = self._pending
+        self._pending = None
+        lay, table = self.layer_stats.layout, self.layer_state
+        deltas, new_mu, new_has = advance_deltas(settings, sums, lay.numels, table.mu, table.has_mu)
+        table.advance(deltas, new_mu, new_has)
+        self._layer_delta = deltas
+        return deltas
 
     def invalidate_layer_stats(self) -> None:
         """Forget the statistics kept from the last update, so the next step re-reads every θ. The optimizer
         notices in-place changes to a parameter by itself (its version counter); call this after writing into a
         parameter's storage behind autograd's back (e.g. ``p.data.copy_(...)``)."""
-        self._abs_sum_cache.clear()
-        if self.layout is not None:
-            self.layout.clear_views()
+        self.layer_stats.invalidate()
 
     # ----------------------------------------------------------------------------------------------------------
-    # flat layouts (ZeRO partitions)
-    def set_layout(self, layout: FlatLayout | None) -> None:
-        """Declare that this optimizer's params are flat per-rank buffers described by ``layout`` (engine
-        integrations call this). Every flat tensor of a group with weight decay must be in the layout."""
-        self.layout = layout
-        if layout is not None:
-            # state up front (step 0, zero moments), so engines can map and checkpoint it before the first step
-            for flat in layout.fragments:
-                self._init_state(flat)
-        if layout is not None and self._loaded_layer_state is not None:
-            layout.load_state_dict(self._loaded_layer_state, strict=False)
-            self._loaded_layer_state = None
-
-    def _delta_setting(self, group) -> tuple | None:
-        if float(group["weight_decay"]) == 0.0:
-            return None
-        if group["delta_mode"] == "constant":
-            return ("constant", 0.0, 0.0, float(group["delta"]))
-        return (group["delta_mode"], float(group["delta_scale"]), float(group["delta_beta"]), None)
-
-    @torch.no_grad()
-    def begin_step(self) -> None:
-        """Start a training step of a flat-layout optimizer: read this rank's part of every layer's ``Σ|θ|`` and
-        sum them over the ranks in ONE collective. Engines call it once per training step before they call
-        :meth:`step` (once per param group or sub-group); μ changes only when :meth:`step` runs, so a step the
-        engine skips (fp16 overflow) leaves it untouched."""
-        lay = self.layout
-        if lay is None:
-            return
-        per_group = [self._delta_setting(g) for g in self.param_groups]
-        settings = [per_group[g] for g in lay.groups]
-        need = {i for i, st in enumerate(settings) if st is not None and st[0] != "constant"}
-        sums = lay.local_sums(None if len(need) == len(settings) else need) if need else None
-        if need and lay.reduce is not None:
-            sums = lay.reduce(sums)
-        lay.pending_sums = (sums, settings)
-        lay.ready = False
-
-    def _layout_deltas(self) -> Tensor:
-        """δ per layer for this training step (computed, and μ advanced, on the first inner step after
-        :meth:`begin_step`)."""
-        lay = self.layout
-        if lay.pending_sums is None:
-            if lay.ready:
-                return lay.delta
-            raise RuntimeError("AdamHD has a flat layout but begin_step() was not called before step(): step it "
-                               "through its engine (adamhd_dist.deepspeed.initialize)")
-        sums, settings = lay.pending_sums
-        lay.pending_sums = None
-        by_setting: dict[tuple, list[int]] = {}
-        for i, st in enumerate(settings):
-            if st is not None:
-                by_setting.setdefault(st, []).append(i)
-        if len(by_setting) == 1 and len(next(iter(by_setting.values()))) == len(settings):
-            (mode, scale, beta, const), = by_setting
-            if mode != "constant":  # the usual case: one rule for every layer, whole-vector ops, no gather
-                d, new_mu = update_deltas(sums, lay.numels, lay.mu, lay.has_mu, mode=mode, scale=scale, beta=beta)
-                lay.delta.copy_(d)
-                if new_mu is not None:
-                    lay.mu.copy_(new_mu)
-                    lay.has_mu.fill_(True)
-                lay.ready = True
-                return lay.delta
-        for (mode, scale, beta, const), idx in by_setting.items():
-            sel = torch.tensor(idx, dtype=torch.long, device=lay.device)
-            if mode == "constant":
-                lay.delta[sel] = const
-                continue
-            d, new_mu = update_deltas(sums[sel], [lay.numels[i] for i in idx], lay.mu[sel], lay.has_mu[sel],
-                                      mode=mode, scale=scale, beta=beta)
-            lay.delta[sel] = d.to(lay.device)
-            if new_mu is not None:
-                lay.mu[sel] = new_mu.to(lay.device)
-                lay.has_mu[sel] = True
-        lay.ready = True
-        return lay.delta
-
-    def _expand_flat(self, group, ps, states, steps, deltas):
-        """Replace each flat tensor of a decayed group by its layer fragments (views), each with its layer's δ."""
-        lay = self.layout
-        out_p, out_g, out_m, out_v, out_t, out_d, owners = [], [], [], [], [], [], []
-        for p, st, t in zip(ps, states, steps):
-            frags = lay.fragments.get(p)
-            if frags is None:
-                raise RuntimeError(f"a tensor of {p.numel()} elements in a decayed param group is not in the "
-                                   f"optimizer's flat layout")
-            lo = self._local
-            out_p += lay.persistent_views(p, lo(p), "param")
-            out_g += lay.fragment_views(p, lo(p.grad))
-            out_m += lay.persistent_views(p, lo(st["exp_avg"]), "exp_avg")
-            out_v += lay.persistent_views(p, lo(st["exp_avg_sq"]), "exp_avg_sq")
-            out_t += [t] * len(frags)
-            out_d.append(deltas[lay.fragment_layers(p)])
-            owners.append((p, len(frags)))
-        ds = torch.cat(out_d) if out_d else torch.zeros(0)
-        return out_p, out_g, out_m, out_v, out_t, ds, owners
-
     def _report_nonfinite(self):
         still = []
         for step, count in self._pending_nonfinite:
@@ -476,15 +433,16 @@ class AdamHD(Optimizer):
         self._report_nonfinite()
 
         work = self._collect()
-        lay = self.layout
-        if lay is not None:
-            layer_delta = self._layout_deltas()
+        self._check_placement(work)
+        stats = self.layer_stats
+        if stats.flat:
+            layer_delta = self._flat_deltas()
             group_deltas = [None] * len(work)
         else:
-            group_deltas = self._group_deltas(work)
+            layer_delta = None
+            group_deltas = self._param_deltas(work)
         # expanded by last_deltas(), when asked (params and δ vectors only: no state is kept alive by it)
         self._last_deltas = tuple((ps, ds) for (_, ps, _), ds in zip(work, group_deltas) if ds is not None)
-        local = self._local
         for (group, ps, states), group_delta in zip(work, group_deltas):
             if not ps:
                 continue
@@ -492,52 +450,47 @@ class AdamHD(Optimizer):
             torch._foreach_add_(step_tensors, 1.0)
             steps = torch.stack(step_tensors).tolist()
             beta1, beta2 = group["betas"]
-            wd = float(group["weight_decay"])
-            owners = None
-            if lay is not None and wd != 0.0:
-                params, grads, m, v, steps, ds, owners = self._expand_flat(group, ps, states, steps, layer_delta)
+            setting = delta_setting(group)
+            if stats.flat and setting is not None:
+                params, grads, m, v, steps, ds, owners = stats.units(ps, states, steps, layer_delta)
                 device = params[0].device if params else ps[0].device
                 ds = ds.to(device)
-                needs = group["delta_mode"] != "constant"
             else:
-                if self.local_tensor is None:  # the tensors themselves
-                    params, grads = list(ps), [p.grad for p in ps]
-                    m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-                else:
-                    params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
-                    m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
-                ds = group_delta.to(ps[0].device) if wd != 0.0 else None
-                needs = self._needs_delta(group)
+                owners = None
+                local = stats.local
+                params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
+                m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
                 device = params[0].device
+                ds = group_delta.to(device) if setting is not None else None
             if not params:
                 continue
+            needs = setting is not None and setting.needs_statistic
             sums_out = torch.empty(len(params), dtype=torch.float64, device=device) if needs else None
             count = F.adamhd(
                 params, grads, m, v, steps, ds,
                 foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=wd, decay=group["decay"], bias_correction=group["bias_correction"])
+                weight_decay=float(group["weight_decay"]), decay=group["decay"],
+                bias_correction=group["bias_correction"])
             self._pending_nonfinite.append((int(max(steps)), count))
             if needs and owners is not None:
                 for (p, n), chunk in zip(owners, sums_out.split([n for _, n in owners])):
-                    lay.remember_sums(p, chunk)
+                    stats.remember(p, chunk)
             elif needs:
                 for p, total in zip(ps, sums_out.unbind(0)):
-                    t = local(p)
-                    self._abs_sum_cache[p] = (total, t._version, t.data_ptr())
+                    stats.remember(p, total)
         self._report_nonfinite()
         return loss
 
     # ----------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """As torch.optim, plus, when the optimizer has a flat layout, ``"layer_state"`` ({layer name:
-        {"delta_ema": μ}}: per-layer state keyed by name, independent of how the layers are cut) and
-        ``"flat_layout"`` (which elements of which layer each saved flat tensor holds, so that a checkpoint can be
-        loaded at another world size)."""
+        """As torch.optim, plus, with a flat layout, ``"layer_state"`` ({layer name: {"delta_ema": μ}}: per-layer
+        state keyed by name, independent of how the layers are cut) and ``"flat_layout"`` (which elements of which
+        layer each saved flat tensor holds, so that a checkpoint can be loaded at another world size)."""
         sd = super().state_dict()
-        if self.layout is not None:
-            sd["layer_state"] = self.layout.state_dict()
-            sd["flat_layout"] = self.layout.describe([p for g in self.param_groups for p in g["params"]])
+        if self.layer_stats.flat:
+            sd["layer_state"] = self.layer_state.state_dict()
+            sd["flat_layout"] = self.layer_stats.layout.describe([p for g in self.param_groups for p in g["params"]])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -566,14 +519,16 @@ class AdamHD(Optimizer):
             check_hyperparameters(saved)
             groups.append(saved)
         state_dict["param_groups"] = groups
+        before = list(self.param_groups)
         saved_state = state_dict["state"]
         mus = {k: v["delta_ema"] for k, v in saved_state.items() if "delta_ema" in v}
         state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("delta_ema", "max_exp_avg_sq")}
                                for k, v in saved_state.items()}
         super().load_state_dict(state_dict)
-        self._abs_sum_cache.clear()
-        if self.layout is not None:
-            self.layout.clear_views()
+        # torch rebuilds the group dicts: the shapes given per group follow them, in order
+        self._given_shapes = {id(new): self._given_shapes[id(old)] for old, new in zip(before, self.param_groups)
+                              if id(old) in self._given_shapes}
+        self.layer_stats.invalidate()
         index = [p for g in self.param_groups for p in g["params"]]
         for p in index:
             st = self.state.get(p)
@@ -586,14 +541,15 @@ class AdamHD(Optimizer):
             p = keys[k]
             self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
         self._last_deltas = {}
+        self._pending, self._layer_delta = None, None
         if layer_state is not None:
-            if self.layout is not None:
-                self.layout.load_state_dict(layer_state, strict=False)
+            if self.layer_state is not None:
+                self.layer_state.load_state_dict(layer_state, strict=False)
             else:
                 self._loaded_layer_state = layer_state
 
     def last_deltas(self) -> dict[Tensor, float]:
-        """{param: δ used at its most recent step} (params with weight_decay > 0 only)."""
+        """{param: δ used at its most recent step} (params with weight_decay > 0 only; one layer per param)."""
         last = self._last_deltas
         if isinstance(last, tuple):  # ((params, δ vector) per decayed group) of the last step
             expanded = {}
@@ -601,3 +557,44 @@ class AdamHD(Optimizer):
                 expanded.update(zip(ps, ds.tolist()))
             self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}
+
+
+class LayerState:
+    """Per-layer state of an optimizer whose tensors hold parts of many layers (a flat strategy): μ of every layer
+    by its index in the layout's table, the same on every rank, and δ at the latest step. Part of the optimizer's
+    state (``state_dict()["layer_state"]``, by layer name: independent of how the layers are cut)."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = list(names)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        n = len(self.names)
+        self.mu = torch.zeros(n, dtype=torch.float32, device=device)
+        self.has_mu = torch.zeros(n, dtype=torch.bool, device=device)
+        self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=device)  # δ at the latest step
+
+    def advance(self, deltas: Tensor, mu: Tensor, has_mu: Tensor) -> None:
+        self.delta.copy_(deltas)
+        if mu is not self.mu:
+            self.mu.copy_(mu)
+        if has_mu is not self.has_mu:
+            self.has_mu.copy_(has_mu)
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ."""
+        mu, has = self.mu.cpu(), self.has_mu.cpu()
+        return {name: {"delta_ema": mu[i].clone()} for i, name in enumerate(self.names) if has[i]}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
+        unknown = sorted(set(state) - set(self.index))
+        if unknown and strict:
+            raise ValueError(f"checkpoint has layer state for {len(unknown)} layer(s) this model does not have, "
+                             f"e.g. {unknown[:3]}")
+        self.mu.zero_()
+        self.has_mu.zero_()
+        for name, st in state.items():
+            i = self.index.get(name)
+            if i is None or "delta_ema" not in st:
+                continue
+            self.mu[i] = torch.as_tensor(st["delta_ema"], dtype=torch.float32).reshape(())
+            self.has_mu[i] = True
+        self.delta.fill_(float("nan"))

@@ -6,7 +6,9 @@ is a local sum. Under sharding each rank holds part of θ, so the step is done i
 1. :func:`layer_abs_sums` — local partial sums ``Σ|θ_local|`` for every layer, in one call;
 2. a reduction of the stacked partial sums across the ranks that shard the layers — ONE collective for all
    layers, issued by the engine integration, never one per tensor;
-3. :func:`update_deltas` — ``s = sum / numel`` with the layer's true numel, then δ from the rule below.
+3. :func:`advance_deltas` — ``s = sum / numel`` with the layer's true numel, then δ (and μ) from the rule below,
+   for every layer at once whatever rule each layer's param group asks for. This is the one place the optimizer
+   computes δ, whatever the sharding; :func:`current_delta` is the one place δ is read back for reporting.
 
 δ rules (``c = delta_scale``, ``β = delta_beta``):
 
@@ -17,14 +19,37 @@ is a local sum. Under sharding each rank holds part of θ, so the step is done i
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["DELTA_MODES", "ema_delta", "layer_abs_sums", "update_deltas"]
+__all__ = ["DELTA_MODES", "DeltaSetting", "delta_setting", "advance_deltas", "current_delta", "ema_delta",
+           "layer_abs_sums", "update_deltas"]
 
 DELTA_MODES = ("ema", "mean_abs", "constant")
+
+
+class DeltaSetting(NamedTuple):
+    """How a param group's δ is obtained: ``mode`` with its ``scale`` (c), ``beta`` (β_δ) or fixed ``delta``."""
+
+    mode: str
+    scale: float
+    beta: float
+    delta: float | None
+
+    @property
+    def needs_statistic(self) -> bool:
+        return self.mode != "constant"
+
+
+def delta_setting(group: dict) -> DeltaSetting | None:
+    """The δ setting of a param group; None when the group has no decay (``weight_decay == 0``: no δ at all)."""
+    if float(group["weight_decay"]) == 0.0:
+        return None
+    if group["delta_mode"] == "constant":
+        return DeltaSetting("constant", 0.0, 0.0, float(group["delta"]))
+    return DeltaSetting(group["delta_mode"], float(group["delta_scale"]), float(group["delta_beta"]), None)
 
 
 def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
@@ -47,7 +72,7 @@ def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
         if device.type == "cuda":
             from .kernels import triton_adamhd
 
-            if triton_adamhd.available():
+            if triton_adamhd.available() and all(t.dtype in triton_adamhd.SUPPORTED_DTYPES for t in ts):
                 sums = triton_adamhd.layer_abs_sums_triton(ts)
         elif device.type == "cpu":
             from .kernels import cpu
@@ -55,11 +80,24 @@ def layer_abs_sums(tensors: Sequence[Tensor]) -> Tensor:
             if cpu.available() and all(t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous() for t in ts):
                 sums = cpu.layer_abs_sums_cpu(ts)
         if sums is None:
-            norms = torch._foreach_norm(ts, 1, dtype=torch.float32)
-            sums = torch.stack(norms)
+            sums = _foreach_abs_sums(ts)
         if len(by_device) == 1:  # no scatter (its index would be a host-to-device copy that waits for the GPU)
             return sums.to(out_device, torch.float64)
         out[torch.tensor(idx, device=out_device)] = sums.to(out_device, torch.float64)
+    return out
+
+
+def _foreach_abs_sums(ts: list[Tensor]) -> Tensor:
+    """Σ|x| per tensor with torch's foreach norm: accumulated in fp32 (fp64 for fp64 tensors), returned fp64."""
+    wide = [i for i, t in enumerate(ts) if t.dtype == torch.float64]
+    if not wide:
+        return torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32)).to(torch.float64)
+    out = torch.empty(len(ts), dtype=torch.float64, device=ts[0].device)
+    narrow = [i for i in range(len(ts)) if ts[i].dtype != torch.float64]
+    for idx, dtype in ((wide, torch.float64), (narrow, torch.float32)):
+        if idx:
+            norms = torch._foreach_norm([ts[i] for i in idx], 1, dtype=dtype)
+            out[torch.tensor(idx, device=out.device)] = torch.stack(norms).to(torch.float64)
     return out
 
 
@@ -124,3 +162,73 @@ def update_deltas(
 def ema_delta(mu: Tensor, scale: float) -> Tensor:
     """δ = c·μ of the ``"ema"`` rule, from the stored fp32 μ (fp64 product, rounded to fp32 once)."""
     return (scale * mu.to(torch.float64)).to(torch.float32)
+
+
+def advance_deltas(
+    settings: Sequence[DeltaSetting | None],
+    sums: Tensor | None,
+    numels: Sequence[int],
+    mus: Tensor,
+    has_mu: Tensor | Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """δ of every layer for this step, each by its own setting, and the layers' new μ — the one place AdamHD
+    computes δ.
+
+    Args:
+        settings: per layer, its param group's :func:`delta_setting` (None: no decay, δ is NaN and μ unchanged).
+        sums: fp64 ``(L,)`` whole-layer ``Σ|θ|`` (entries of layers that need no statistic are ignored); None when
+            no layer needs a statistic.
+        numels: the true numel of each whole layer.
+        mus: fp32 ``(L,)`` μ of each layer (entries where ``has_mu`` is False are ignored).
+        has_mu: bool ``(L,)``, whether the layer has a μ yet.
+    Returns:
+        ``(deltas, new_mus, new_has_mu)``: fp32 ``(L,)`` δ, fp32 ``(L,)`` μ after this step (advanced for
+        ``"ema"`` layers, unchanged elsewhere), and bool ``(L,)`` whether each layer has a μ now; all on
+        ``mus``' device.
+    """
+    device = mus.device
+    n = len(settings)
+    by_setting: dict[DeltaSetting, list[int]] = {}
+    for i, st in enumerate(settings):
+        if st is not None:
+            by_setting.setdefault(st, []).append(i)
+    has = has_mu if isinstance(has_mu, Tensor) else torch.as_tensor(list(has_mu), dtype=torch.bool)
+    has = has.to(device)
+    if len(by_setting) == 1 and len(next(iter(by_setting.values()))) == n:
+        (st,) = by_setting  # the usual case: one rule for every layer, whole-vector ops, no index selects
+        if st.mode == "constant":
+            return torch.full((n,), st.delta, dtype=torch.float32, device=device), mus, has
+        all_have = not isinstance(has_mu, Tensor) and all(has_mu)  # known on the host: no mask to build
+        d, new_mu = update_deltas(sums, numels, mus, [True] * n if all_have else has, mode=st.mode,
+                                  scale=st.scale, beta=st.beta)
+        d = d.to(device)
+        if new_mu is None:
+            return d, mus, has
+        return d, new_mu.to(device), torch.ones(n, dtype=torch.bool, device=device)
+    deltas = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    new_mus, new_has = mus.clone(), has.clone()
+    for st, idx in by_setting.items():
+        sel = torch.tensor(idx, dtype=torch.long, device=device)
+        if st.mode == "constant":
+            deltas[sel] = st.delta
+            continue
+        d, new_mu = update_deltas(sums[sel.to(sums.device)], [numels[i] for i in idx], mus[sel], has[sel],
+                                  mode=st.mode, scale=st.scale, beta=st.beta)
+        deltas[sel] = d.to(device)
+        if new_mu is not None:
+            new_mus[sel] = new_mu.to(device)
+            new_has[sel] = True
+    return deltas, new_mus, new_has
+
+
+def current_delta(setting: DeltaSetting | None, mu: Tensor | float | None, last: float | None) -> float | None:
+    """A layer's δ as of its latest step, for reporting: None without decay or while unknown (no step yet and
+    not constant). ``"ema"`` reads δ = c·μ from the state (so it is known right after a checkpoint load);
+    ``"mean_abs"`` the δ its latest step used (``last``)."""
+    if setting is None:
+        return None
+    if setting.mode == "constant":
+        return setting.delta
+    if setting.mode == "ema":
+        return None if mu is None else float(ema_delta(torch.as_tensor(mu, dtype=torch.float32), setting.scale))
+    return last

@@ -49,7 +49,7 @@ K = 4  # vector steps per program
 CHUNK = BLOCK * K  # elements per program (one chunk of one tensor)
 NUM_WARPS = 4
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _CACHE_SIZE = 32
 
 
