@@ -23,6 +23,7 @@ from .optim.deltas import layer_deltas
 from .optim.functional import adamhd
 from .optim.grouping import check_param_groups, param_groups
 from .optim.huber import huber_clip_, huber_penalty, huber_prox_
+from .optim.layer_stats import UnplacedTensorError
 from .optim.layer_stats import is_dtensor as _is_dtensor
 from .optim.layer_stats import register_auto_strategy as _register_auto_strategy
 from .optim.optimizer import AdamHD
@@ -35,6 +36,7 @@ __all__ = [
     "param_groups",
     "check_param_groups",
     "layer_deltas",
+    "UnplacedTensorError",
     "huber_penalty",
     "huber_prox_",
     "huber_clip_",

@@ -113,13 +113,13 @@ def _step(model, opt, x):
 
 
 def _state_bytes(opt) -> int:
-    from adamhd_dist.distributed.dtensor import DTensorLayerStats
+    from torch.distributed.tensor import DTensor
 
     total = 0
     for st in opt.state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor):
-                t = DTensorLayerStats.local_tensor(v)
+                t = v.to_local() if isinstance(v, DTensor) else v
                 total += t.numel() * t.element_size()
     return total
 

@@ -28,8 +28,12 @@ class TinyLM(nn.Module):
         self.frozen.requires_grad_(False)
         self.head = nn.Linear(D, VOCAB, bias=False)
         self.head.weight = self.emb.weight  # tied
+        # a persistent buffer that training changes (tokens seen): checkpoints must carry it
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, x, y):
+        with torch.no_grad():
+            self.tokens_seen += x.numel()
         h = self.emb(x)
         h = h + self.l2(Fn.gelu(self.norm(self.l1(h))))
         h = self.frozen(h)
@@ -113,6 +117,10 @@ def module_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().float() for n, p in engine.module.named_parameters()}
 
 
+def module_buffers(engine) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in engine.module.named_buffers()}
+
+
 def sharded_state(engine) -> dict[str, dict[str, torch.Tensor]]:
     """fp32 master weights, moments and μ by name, gathered through the optimizer's layout."""
     from adamhd_dist import deepspeed as ads
@@ -152,7 +160,27 @@ class PerPartition:
         return _PerPartition()
 
 
-def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
+def plain_initialize(model, cfg):
+    """What a user who builds the optimizer does: their own deepspeed.initialize with an AdamHD client optimizer
+    (and the settings DeepSpeed asks of a client optimizer)."""
+    import deepspeed
+
+    import adamhd_dist
+
+    kw = dict(cfg["optimizer"]["params"], betas=tuple(cfg["optimizer"]["params"]["betas"]))
+    opt = adamhd_dist.AdamHD(adamhd_dist.param_groups(model, kw.pop("weight_decay")), **kw)
+    cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+    cfg["zero_allow_untested_optimizer"] = True
+    if "offload_optimizer" in cfg["zero_optimization"]:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def run_case(world, stage, steps=10, naive=False, zero_init=False, door="initialize", **cfg_kw):
+    """``door``: "initialize" (adamhd_dist.deepspeed.initialize), "attach" (the user's own deepspeed.initialize,
+    then adamhd_dist.deepspeed.attach, called twice: it must be idempotent) or "plain" (the user's own
+    deepspeed.initialize and nothing else: the first step must refuse, and change nothing)."""
     import deepspeed
 
     import adamhd_dist
@@ -166,7 +194,23 @@ def run_case(world, stage, steps=10, naive=False, zero_init=False, **cfg_kw):
             model = make_model()
     else:
         model = make_model()
-    engine, *_ = ads.initialize(model=model, config=cfg)
+    if door == "initialize":
+        engine, *_ = ads.initialize(model=model, config=cfg)
+    else:
+        engine = plain_initialize(model, cfg)
+    if door == "plain":
+        before = module_params(engine)
+        x, y = rank_rows(batches(1)[0], gas, micro)[0]
+        try:
+            for x, y in rank_rows(batches(1)[0], gas, micro):
+                engine.backward(engine(x, y))
+                engine.step()
+        except adamhd_dist.UnplacedTensorError as e:
+            after = module_params(engine)
+            return {"refused": str(e), "changed": max(float((after[n] - before[n]).abs().max()) for n in before)}
+        return {"refused": None}
+    if door == "attach":
+        assert ads.attach(engine) is ads.attach(engine)
     opt = engine._adamhd_optimizer
     summary = layout_summary(engine)
     counts = {"reduce": 0, "inner_step": 0}
@@ -231,7 +275,7 @@ def save_partial(world, stage, ckdir, steps=5, tag="part", **cfg_kw):
     engine, gas, micro = _engine(world, stage, **cfg_kw)
     train(engine, batches(steps), gas, micro)
     engine.save_checkpoint(ckdir, tag=tag)
-    return {"state": sharded_state(engine), "params": module_params(engine)}
+    return {"state": sharded_state(engine), "params": module_params(engine), "buffers": module_buffers(engine)}
 
 
 def resume(world, stage, ckdir, tag="part", start=5, steps=10, **cfg_kw):
@@ -241,10 +285,10 @@ def resume(world, stage, ckdir, tag="part", start=5, steps=10, **cfg_kw):
     init_dist()
     engine, gas, micro = _engine(world, stage, **cfg_kw)
     engine.load_checkpoint(ckdir, tag=tag)
-    loaded = sharded_state(engine)
+    loaded, buffers = sharded_state(engine), module_buffers(engine)
     train(engine, batches(steps)[start:], gas, micro)
-    return {"loaded": loaded, "state": sharded_state(engine), "params": module_params(engine),
-            "deltas": adamhd_dist.layer_deltas(engine)}
+    return {"loaded": loaded, "loaded_buffers": buffers, "state": sharded_state(engine),
+            "params": module_params(engine), "deltas": adamhd_dist.layer_deltas(engine)}
 
 
 def low_precision_deltas(world, stage, steps=4, **cfg_kw):

@@ -35,6 +35,15 @@ STAGE_CASES = [
     ("zero3_offload", 3, {"offload": True}),
     ("zero2_no_accumulation", 2, {"gas": 1}),
 ]
+# the user's own deepspeed.initialize(optimizer=AdamHD(...)) followed by adamhd_dist.deepspeed.attach(engine)
+ATTACH_CASES = [
+    ("attach_zero1", 1, {"door": "attach"}),
+    ("attach_zero2", 2, {"door": "attach"}),
+    ("attach_zero3", 3, {"door": "attach"}),
+    ("attach_zero2_offload", 2, {"door": "attach", "offload": True}),
+]
+# ... and without attach: the first step must refuse
+PLAIN_CASES = [("plain_zero2", 2, {"door": "plain"}), ("plain_zero3", 3, {"door": "plain"})]
 SAVES = [("ck_zero1", 1, {}), ("ck_zero2", 2, {}), ("ck_zero3", 3, {}), ("ck_zero3_offload", 3, {"offload": True})]
 BF16 = {"dtype": "bf16"}
 LOWP = [
@@ -54,7 +63,8 @@ def ref():
 def world2(tmp_path_factory):
     ck = str(tmp_path_factory.mktemp("ds_ckpt"))
     out = run_ranks("dist_workers_deepspeed:suite", 2, timeout=900, kwargs=dict(
-        world=2, fp32=STAGE_CASES + [("zero2_naive", 2, {"naive": True})], ckpt_dir=ck, save=SAVES,
+        world=2, fp32=STAGE_CASES + ATTACH_CASES + PLAIN_CASES + [("zero2_naive", 2, {"naive": True})],
+        ckpt_dir=ck, save=SAVES,
         same_world=[label for label, _, _ in SAVES], lowp=LOWP,
         overflow=[("fp16_zero2", 2, {}), ("fp16_zero3", 3, {})]))
     return out, ck
@@ -89,6 +99,47 @@ def assert_matches_reference(res, ref, label):
             assert diff <= TOL * scale, f"{label}: {key} of {name} differs by {diff:.3g} (scale {scale:.3g})"
         if "delta_ema" in st:
             assert abs(float(res["state"][name]["delta_ema"]) - float(st["delta_ema"])) <= TOL * float(st["delta_ema"])
+
+
+@pytest.mark.parametrize("label", [c[0] for c in ATTACH_CASES])
+def test_own_initialize_then_attach_equals_single_process(label, world2, ref):
+    """A user's own deepspeed.initialize with an AdamHD client optimizer, then attach (twice: idempotent)."""
+    res = world2[0][0]["fp32"][label]
+    assert_matches_reference(res, ref, f"{label} at world size 2")
+    assert res["counts"]["reduce"] == 10  # one all-reduce per training step
+
+
+@pytest.mark.parametrize("label", [c[0] for c in PLAIN_CASES])
+def test_own_initialize_without_attach_refuses_the_first_step(label, world2):
+    """Without attach, DeepSpeed hands AdamHD flat partitions it cannot place: every rank stops at the first step
+    with the fix named, before any parameter moved (a per-partition δ would have been off by > 1e-3, see
+    test_statistic_per_flat_partition_is_wrong)."""
+    for rank in world2[0]:
+        res = rank["fp32"][label]
+        assert res["refused"] is not None, f"{label}: trained without a word"
+        assert "adamhd_dist.deepspeed.attach(engine)" in res["refused"] and "AdamHDCallback" in res["refused"]
+        assert res["changed"] == 0.0
+
+
+def test_attach_checks_the_deepspeed_version(monkeypatch):
+    import deepspeed
+
+    from adamhd_dist.integrations.deepspeed import _compat
+
+    monkeypatch.delenv(_compat.VERSION_ENV, raising=False)
+    assert _compat.check_version() == deepspeed.__version__  # the installed one is in the tested range
+    monkeypatch.setattr(deepspeed, "__version__", "0.21.0")
+    with pytest.raises(RuntimeError, match=r"deepspeed>=0\.19,<0\.20.*0\.21\.0.*ADAMHD_ALLOW_UNTESTED_DEEPSPEED=1"):
+        ads.attach(object())  # refused before anything else is looked at
+    monkeypatch.setenv(_compat.VERSION_ENV, "1")
+    assert _compat.check_version() == "0.21.0"
+    with pytest.raises(TypeError, match="no AdamHD"):
+        ads.attach(object())
+
+
+def test_attach_refuses_an_engine_without_adamhd():
+    with pytest.raises(TypeError, match="no AdamHD"):
+        ads.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
 
 
 @pytest.mark.parametrize("label", [c[0] for c in STAGE_CASES])
@@ -164,6 +215,11 @@ def test_checkpoint_from_world_2_resumes_at_world_3(label, world2, world3, ref):
             assert set(loaded[name]) == set(st), name
             for key, v in st.items():  # param, exp_avg, exp_avg_sq and μ of every layer, exactly
                 assert torch.equal(loaded[name][key], v), (label, name, key)
+        # module buffers too (the model counts the tokens it has seen: 5 steps x 12 rows x 5 tokens on 2 ranks)
+        saved_buffers = world2[0][0]["save"][label]["buffers"]
+        assert int(saved_buffers["tokens_seen"]) > 0
+        assert {n: int(b) for n, b in r["resume"][label]["loaded_buffers"].items()} == \
+            {n: int(b) for n, b in saved_buffers.items()}, label
     # and training goes on as if never interrupted (frozen layer included)
     assert rel_param_err(world3[0]["resume"][label]["params"], ref["params"]) <= TOL
 

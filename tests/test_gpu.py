@@ -30,7 +30,7 @@ if torch.cuda.is_available():
     import adamhd_dist.optim.functional as F
     from adamhd_dist import AdamHD
     from adamhd_dist.optim.kernels import triton_adamhd as GPU
-    from adamhd_dist.distributed.layout import FlatLayout, Fragment
+    from adamhd_dist.distributed.layout import FlatLayerStats, FlatLayout, Fragment
 
 SIZES = [1, 7, 4096, 4099, 2 * 4096 + 5, 1 << 18, 0]
 
@@ -104,8 +104,8 @@ def test_flat_layout_one_launch_equals_separate_tensors(monkeypatch):
     hp = dict(lr=1e-2, weight_decay=0.3, delta_scale=1.2)
     opt_flat, opt_sep = AdamHD([flat], **hp, fused=True), AdamHD(sep, **hp, fused=True)
     frags = [Fragment(i, s, n) for i, (s, n) in enumerate(zip(starts, numels))]
-    opt_flat.set_layout(FlatLayout([f"l{i}" for i in range(len(numels))], numels, [0] * len(numels),
-                                   {flat: frags}, None))
+    opt_flat.set_layer_stats(FlatLayerStats(FlatLayout([f"l{i}" for i in range(len(numels))], numels,
+                                                       [0] * len(numels), {flat: frags}, None)))
     counter = TK.CountLaunches(GPU._adamhd_kernel)
     monkeypatch.setattr(GPU, "_adamhd_kernel", counter)
     steps = 5

@@ -36,7 +36,10 @@ VERSION_ENV = "ADAMHD_ALLOW_UNTESTED_DEEPSPEED"
 def check_version() -> str:
     """The installed DeepSpeed version; a ``RuntimeError`` naming the tested range (and :data:`VERSION_ENV`) when
     it is outside it."""
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(f"adamhd_dist.deepspeed needs DeepSpeed (pip install 'adamhd_dist[deepspeed]'): {e}") from e
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 

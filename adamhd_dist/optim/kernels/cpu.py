@@ -112,6 +112,18 @@ def available() -> bool:
     return True
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _check_plain(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """The kernel reads raw storage: refuse, with a message, what has none it could read (a tensor subclass such as
+    a DTensor, a meta or sparse tensor) instead of handing it to native code."""
+    for i, t in enumerate(tensors):
+        if type(t) not in _PLAIN or t.layout != torch.strided or t.device.type != "cpu":
+            what = type(t).__name__ if type(t) not in _PLAIN else f"{t.layout} tensor on {t.device}"
+            raise TypeError(f"{name}[{i}]: the CPU kernel takes plain strided CPU tensors, got a {what}")
+
+
 def _per_tensor(name: str, values: Any, n: int) -> list[float]:
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float64).reshape(-1).tolist()
@@ -175,6 +187,8 @@ def fused_adamhd_cpu_(
             raise ValueError(f"abs_sums_out must be a contiguous float64 CPU tensor of shape ({n},)")
     if n == 0:
         return 0
+    for name, ts in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        _check_plain(name, ts)
     if mode != 0 and deltas is None:
         raise ValueError("deltas is required when weight_decay != 0")
     ss = _per_tensor("step_sizes", step_sizes, n)
@@ -203,4 +217,5 @@ def layer_abs_sums_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     ts = [t.detach() for t in tensors]
     if not ts:
         return torch.zeros(0, dtype=torch.float64)
+    _check_plain("tensors", ts)
     return load().abs_sums(ts)
