@@ -263,3 +263,31 @@ def test_whole_layer_replacements_are_placed():
     opt.param_groups[0]["params"] = [copies[1], copies[0], copies[2]]
     with pytest.raises(UnplacedTensorError):
         opt.step()
+
+
+def test_a_state_saved_over_other_partitions_is_refused():
+    """Moments saved per flat partition load only where the layers are cut the same way; a state saved at another
+    partitioning (another world size) is refused, whether the layout is known before or after the load."""
+    full = reference_params()
+    opt, parts, _ = make_flat_optimizer(full)
+    set_flat_grads(parts, grads(0))
+    opt.begin_step()
+    opt.step()
+    sd = opt.state_dict()
+    moved = {k: dict(v, fragments=[(n, s + 1, c, o) for n, s, c, o in v["fragments"]])
+             for k, v in sd["flat_layout"].items()}
+    other, _, _ = make_flat_optimizer(full)
+    with pytest.raises(ValueError, match="cut the layers differently"):
+        other.load_state_dict(dict(sd, flat_layout=moved))
+    other.load_state_dict(sd)  # the same cut loads
+    assert torch.equal(other.layer_state.mu, opt.layer_state.mu)
+    # loaded before the layout is attached (a transformers Trainer resumes before its callbacks run)
+    p0, p1, half = split_into_partitions(full)
+    late = adamhd_dist.AdamHD([torch.nn.Parameter(p0), torch.nn.Parameter(p1)], **HP)
+    late.load_state_dict(dict(sd, flat_layout=moved))
+    f0, f1 = fragments(half)
+    numels = [torch.Size(s).numel() for s in SHAPES.values()]
+    ps = late.param_groups[0]["params"]
+    with pytest.raises(ValueError, match="cut the layers differently"):
+        late.set_layer_stats(FlatLayerStats(FlatLayout(list(SHAPES), numels, [0, 0, 0], {ps[0]: f0, ps[1]: f1},
+                                                       None)))

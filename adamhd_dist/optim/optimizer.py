@@ -239,9 +239,11 @@ class AdamHD(Optimizer):
         self.layer_state = LayerState(stats.layout.names, stats.layout.device)
         for flat in stats.layout.fragments:
             self._init_state(flat)
-        if self._loaded_layer_state is not None:
-            self.layer_state.load_state_dict(self._loaded_layer_state, strict=False)
+        if self._loaded_layer_state is not None:  # a checkpoint loaded before the layout was known
+            layer_state, saved_layout = self._loaded_layer_state
             self._loaded_layer_state = None
+            self._check_saved_layout(saved_layout)
+            self.layer_state.load_state_dict(layer_state, strict=False)
 
     def _adopt_dtensors(self, params) -> None:
         """Set up the DTensor strategy when DTensor parameters appear (given, or swapped in place by an engine)."""
@@ -498,7 +500,7 @@ class AdamHD(Optimizer):
         step's statistic). μ is kept in fp32 whatever the parameter dtype."""
         state_dict = dict(state_dict)
         layer_state = state_dict.pop("layer_state", None)
-        state_dict.pop("flat_layout", None)
+        saved_layout = state_dict.pop("flat_layout", None)
         groups = []
         if len(state_dict["param_groups"]) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(state_dict['param_groups'])} parameter groups, "
@@ -542,11 +544,26 @@ class AdamHD(Optimizer):
             self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
         self._last_deltas = {}
         self._pending, self._layer_delta = None, None
-        if layer_state is not None:
+        if layer_state is not None or saved_layout is not None:
             if self.layer_state is not None:
-                self.layer_state.load_state_dict(layer_state, strict=False)
+                self._check_saved_layout(saved_layout)
+                self.layer_state.load_state_dict(layer_state or {}, strict=False)
             else:
-                self._loaded_layer_state = layer_state
+                self._loaded_layer_state = (layer_state or {}, saved_layout)
+
+    def _check_saved_layout(self, saved: dict | None) -> None:
+        """A state saved over flat partitions holds each partition's moments: it loads only where the layers are cut
+        the same way (a checkpoint of another world size goes through the engine adapter, which reshards it)."""
+        if saved is None:
+            return
+        ordered = [p for g in self.param_groups for p in g["params"]]
+        now = self.layer_stats.layout.describe(ordered)
+        if {int(k): v["fragments"] for k, v in saved.items()} != {k: v["fragments"] for k, v in now.items()}:
+            raise ValueError(
+                "this optimizer state was saved over flat partitions that cut the layers differently (another "
+                "world size, ZeRO stage or bucket setting): its moments would land on the wrong elements. Load it "
+                "with engine.load_checkpoint after adamhd_dist.deepspeed.attach(engine), which reshards it, or "
+                "read it with `python -m adamhd_dist.deepspeed export`")
 
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only; one layer per param)."""
