@@ -23,6 +23,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -110,7 +111,7 @@ def decay_names(model) -> set[str]:
     return set(Trainer.get_decay_parameter_names(None, model))
 
 
-def trainer_groups(model, weight_decay):
+def trainer_groups(model, weight_decay=HP["weight_decay"]):
     """Param groups exactly as Trainer.create_optimizer builds them (decayed first, then the rest), with names."""
     dec = decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -163,7 +164,7 @@ def reference(kind: str = "adamhd", steps: int = STEPS, clip: float | None = CLI
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}
     if kind == "adamhd":
         out["deltas"] = adamhd_dist.layer_deltas(opt)
@@ -274,6 +275,42 @@ def attach_dtensor(optimizer) -> str:
     return "install_dtensor_hooks"
 
 
+def gc_owners(obj) -> list[str]:
+    """Who holds ``obj`` through an attribute or a dict entry of an attribute (gc referrers, one level):
+    ``["DeepSpeedEngine._modules['module']", ...]``."""
+    gc.collect()
+    out = set()
+    for r in gc.get_referrers(obj):
+        if not isinstance(r, dict):
+            continue
+        keys = [k for k, v in r.items() if v is obj]
+        for o in gc.get_referrers(r):
+            if isinstance(o, (dict, list, types.FrameType)):
+                continue
+            d = getattr(o, "__dict__", None)
+            if d is r:
+                out.update(f"{type(o).__qualname__}.{k}" for k in keys)
+            elif isinstance(d, dict):
+                for a, v in d.items():
+                    if v is r:
+                        out.update(f"{type(o).__qualname__}.{a}[{k!r}]" for k in keys)
+    return sorted(out)
+
+
+def engine_by_gc(model):
+    """The DeepSpeedEngine whose ``module`` is ``model``, found through the garbage collector (the engine keeps
+    the model in ``_modules["module"]``), else None."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gc.collect()
+    for r in gc.get_referrers(model):
+        if isinstance(r, dict):
+            for o in gc.get_referrers(r):
+                if isinstance(o, DeepSpeedEngine) and getattr(o, "module", None) is model:
+                    return o
+    return None
+
+
 def engine_of(*objs):
     """The DeepSpeedEngine reachable from objs by attributes (depth 3), else None."""
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -290,21 +327,26 @@ def engine_of(*objs):
     return obj
 
 
-def attach_from(model, optimizer):
+def attach_from(model, optimizer, how: str = "gc"):
     """Today's ``attach_layout`` reached from what a Trainer callback is given (the unwrapped model and the
-    accelerate-wrapped optimizer). The engine is used where it can be found; otherwise a stand-in with the two
-    attributes attach_layout reads (``optimizer``: the ZeRO optimizer, ``module``: the model). Returns how."""
+    Accelerate-wrapped optimizer). Under DeepSpeed: the engine if an attribute path leads to it; else, with
+    ``how="gc"``, the engine found by :func:`engine_by_gc`; else (or with ``how="stand-in"``) a stand-in with the
+    two attributes attach_layout reads (``optimizer``: the ZeRO optimizer, ``module``: the model) — the engine's
+    checkpoint methods are then not wrapped. Under FSDP2: :func:`attach_dtensor`. Returns what was used."""
     from adamhd_dist.integrations.deepspeed import attach_layout
 
-    if zero_optimizer_of_safe(optimizer) is None:
+    zopt = zero_optimizer_of_safe(optimizer)
+    if zopt is None:
         return attach_dtensor(optimizer)
     eng = engine_of(model, optimizer)
     if eng is not None:
         attach_layout(eng)
-        return "engine"
-    zopt = zero_optimizer_of(optimizer)
-    if zopt is None:
-        return "no ZeRO optimizer"
+        return "engine (attribute path)"
+    if how == "gc":
+        eng = engine_by_gc(model)
+        if eng is not None and eng.optimizer is zopt:
+            attach_layout(eng)
+            return "engine (gc: DeepSpeedEngine whose .module is model)"
     shim = types.SimpleNamespace(optimizer=zopt, module=model, save_checkpoint=lambda *a, **k: None,
                                  load_checkpoint=lambda *a, **k: None, global_steps=0)
     attach_layout(shim)
@@ -359,11 +401,12 @@ def _inner_state_summary(optimizer) -> dict:
     return out
 
 
-def _make_probe_callback(fix: bool):
+def _make_probe_callback(fix):
     from transformers import TrainerCallback
 
     class Probe(TrainerCallback):
-        """Records what on_train_begin is given; with ``fix``, attaches AdamHD's layout from it."""
+        """Records what on_train_begin is given; with ``fix`` (True / "gc" / "stand-in", see :func:`attach_from`),
+        makes AdamHD exact from it."""
 
         def __init__(self):
             self.seen = {}
@@ -386,11 +429,14 @@ def _make_probe_callback(fix: bool):
                 "engine_paths": find_instances(roots, DeepSpeedEngine),
                 "model_is_engine": isinstance(model, DeepSpeedEngine),
                 "model_referrers": referrer_types(model),
+                "model_held_by": gc_owners(model),
+                "zero_optimizer_held_by": gc_owners(zero_optimizer_of_safe(optimizer))
+                if zero_optimizer_of_safe(optimizer) is not None else [],
                 "global_step": state.global_step,
                 "state_at_begin": _inner_state_summary(optimizer),
             }
             if fix:
-                self.how = attach_from(model, optimizer)
+                self.how = attach_from(model, optimizer, "stand-in" if fix == "stand-in" else "gc")
                 EVENTS.append(f"attach ({self.how})")
                 self.seen["state_after_attach"] = _inner_state_summary(optimizer)
 
@@ -487,11 +533,12 @@ def deepspeed_partial_state():
     return state
 
 
-def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = False, steps: int = STEPS,
+def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, steps: int = STEPS,
                offload: bool = False, save_steps: int | None = None, resume: str | None = None,
                outdir: str | None = None):
     """transformers Trainer + DeepSpeed ZeRO-``stage``: AdamHD (or AdamW) through ``optimizer_cls_and_kwargs``; a
-    probe callback records what on_train_begin gets and, with ``fix``, attaches AdamHD's layout from it.
+    probe callback records what on_train_begin gets and, with ``fix`` (True / "gc" / "stand-in"), attaches AdamHD's
+    layout from it (:func:`attach_from`).
     ``save_steps``: Trainer checkpoints every that many steps into ``outdir``; ``resume``: a checkpoint folder to
     resume from (``trainer.train(resume_from_checkpoint=resume)``)."""
     from transformers import Trainer
@@ -501,7 +548,9 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = Fal
     _trace_deepspeed_checkpoints()
     model = build_model()
     deepspeed_partial_state()
-    outdir = outdir or tempfile.mkdtemp(prefix="hf-trainer-")
+    scratch = None
+    if outdir is None:
+        scratch = outdir = tempfile.mkdtemp(prefix="hf-trainer-")
     args = training_args(outdir, world, steps=steps, save_steps=save_steps,
                          deepspeed=trainer_ds_config(stage, offload),
                          accelerator_config={"use_configured_state": True})
@@ -531,6 +580,8 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = Fal
         out["saved_files"] = saved_optimizer_state(outdir)
     del trainer, engine
     _destroy_engines()
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -550,17 +601,19 @@ def saved_optimizer_state(outdir: str) -> dict:
                     continue
                 sd = torch.load(os.path.join(d, tag, f), map_location="cpu", weights_only=False)
                 osd = sd.get("optimizer_state_dict", {})
-                base = osd.get("base_optimizer_state", {})
-                if isinstance(base, list):  # ZeRO-3: one per sub-group
-                    base = base[0] if base else {}
-                files[f"{tag}/{f}"] = {"optimizer_state_dict": sorted(osd), "base_optimizer_state": sorted(base),
+                # the inner optimizer's state_dict: "base_optimizer_state" (ZeRO-1/2), "optimizer_state_dict" (ZeRO-3)
+                key = "base_optimizer_state" if "base_optimizer_state" in osd else "optimizer_state_dict"
+                base = osd.get(key, {})
+                files[f"{tag}/{f}"] = {"optimizer_state_dict": sorted(osd), "inner_key": key,
+                                       "inner_state_dict": sorted(base),
                                        "layer_state": {n: float(v["delta_ema"]) for n, v in
                                                        (base.get("layer_state") or {}).items()}}
-        out[ck] = {"entries": sorted(os.listdir(d)), "tags": tags, "files": files}
+        out[ck] = {"entries": sorted(os.listdir(d)), "tags": tags, "files": files,
+                   "tag_entries": {t: sorted(os.listdir(os.path.join(d, t))) for t in tags}}
     return out
 
 
-def trainer_ds_resume(world: int, outdir: str, stage: int = 2, fix: bool = True, steps: int = STEPS,
+def trainer_ds_resume(world: int, outdir: str, stage: int = 2, fix=True, steps: int = STEPS,
                       save_steps: int = 3):
     """Trainer + DeepSpeed: an uninterrupted run that saves every ``save_steps`` steps into ``outdir``, then a
     fresh Trainer resumed from ``outdir/checkpoint-<save_steps>`` with ``trainer.train(resume_from_checkpoint=...)``
@@ -568,8 +621,7 @@ def trainer_ds_resume(world: int, outdir: str, stage: int = 2, fix: bool = True,
     full = trainer_ds(world, stage=stage, fix=fix, steps=steps, save_steps=save_steps, outdir=outdir)
     dist.barrier()
     ck = os.path.join(outdir, f"checkpoint-{save_steps}")
-    resumed = trainer_ds(world, stage=stage, fix=fix, steps=steps, resume=ck,
-                         outdir=tempfile.mkdtemp(prefix="hf-trainer-resumed-"))
+    resumed = trainer_ds(world, stage=stage, fix=fix, steps=steps, resume=ck)
     return {"full": full, "resumed": resumed}
 
 
@@ -604,10 +656,8 @@ def trainer_fsdp2(world: int, kind: str = "adamhd", mode: str = "forced", fix: b
     ``mode``: how Accelerate's process state is made on CPU ranks:
     ``"use_cpu"`` (TrainingArguments(use_cpu=True)); ``"configured"`` (PartialState(backend="gloo") first, as for
     DeepSpeed); ``"forced"`` (:func:`_force_accelerate_multi_device`). ``fix``: the probe callback installs
-    AdamHD's DTensor hooks at on_train_begin (:func:`attach_dtensor`)."""
-    from torch.distributed.tensor import DTensor
-    from transformers import Trainer
-
+    AdamHD's DTensor hooks at on_train_begin (:func:`attach_dtensor`). A setup the stack refuses gives
+    ``{"error": ...}`` (not an exception), so the launch goes on."""
     _reset_accelerate()
     EVENTS.clear()
     model = build_model()
@@ -625,13 +675,29 @@ def trainer_fsdp2(world: int, kind: str = "adamhd", mode: str = "forced", fix: b
     elif mode == "forced":
         _force_accelerate_multi_device()
         extra["accelerator_config"] = {"use_configured_state": True}
-    args = training_args(tempfile.mkdtemp(prefix="hf-fsdp-"), world, steps=steps, **extra)
+    scratch = tempfile.mkdtemp(prefix="hf-fsdp-")
+    try:
+        return _trainer_fsdp2_run(world, model, kind, fix, steps, scratch, extra)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trainer_fsdp2_run(world, model, kind, fix, steps, outdir, extra):
+    from torch.distributed.tensor import DTensor
+    from transformers import Trainer
+
+    args = training_args(outdir, world, steps=steps, **extra)
     probe = _make_probe_callback(fix)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(data(steps)),
-                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(kind), callbacks=[probe])
-    info = {"accelerate_distributed_type": str(trainer.accelerator.distributed_type),
-            "accelerate_num_processes": trainer.accelerator.num_processes, "is_fsdp_enabled": trainer.is_fsdp_enabled,
-            "device": str(trainer.args.device)}
+    info = {}
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(data(steps)),
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(kind), callbacks=[probe])
+    except Exception as e:  # e.g. "Using fsdp only works in distributed training."
+        info["refused"] = f"Trainer(...): {type(e).__name__}: {e}"
+        return info
+    info.update(accelerate_distributed_type=str(trainer.accelerator.distributed_type),
+                accelerate_num_processes=trainer.accelerator.num_processes, is_fsdp_enabled=trainer.is_fsdp_enabled,
+                device=str(trainer.args.device))
     try:
         trainer.train()
     except Exception:
@@ -648,12 +714,18 @@ def trainer_fsdp2(world: int, kind: str = "adamhd", mode: str = "forced", fix: b
 
 
 def _add_deltas(info: dict, optimizer) -> None:
-    """δ per layer name of the last step, where the inner AdamHD knows its layers (has hooks or a layout)."""
+    """δ per layer name of the last step, where the inner AdamHD knows its layers (has hooks or a layout). Groups
+    without "param_names" (the Trainer's own grouping) give positions: mapped to names in the Trainer's order."""
     import adamhd_dist
 
     adam = _adamhd_of(optimizer)
     if adam is not None and (adam.layout is not None or adam.reduce_layer_sums is not None):
-        info["deltas"] = adamhd_dist.layer_deltas(adam)
+        deltas = adamhd_dist.layer_deltas(adam)
+        if any(isinstance(k, int) for k in deltas):
+            names = [n for g in trainer_groups(build_model()) for n in g["param_names"]]
+            deltas = {names[k] if isinstance(k, int) else k: v for k, v in deltas.items()}
+            info["deltas_keyed_by_position"] = True
+        info["deltas"] = deltas
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -709,7 +781,9 @@ def accelerate_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = 
             "engine_module_is_model": getattr(pm, "module", None) is model,
             "accelerator_engine_wrapper": describe(accelerator.deepspeed_engine_wrapped, 1),
             "wrapper_engine_is_model": getattr(accelerator.deepspeed_engine_wrapped, "engine", None) is pm,
-            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type)}
+            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+            "client_config_allow_untested": cfg.get("zero_allow_untested_optimizer"),
+            "engine_allow_untested": pm.config.get("zero_allow_untested_optimizer")}
     if fix:
         from adamhd_dist.integrations.deepspeed import attach_layout
 
@@ -762,14 +836,38 @@ def native_backtrace_on_crash(path: str):
     return proc
 
 
+def dump_on_hang(seconds: float, gdb_path: str | None = None):
+    """After ``seconds``: print every thread's Python stack (faulthandler), optionally write every thread's native
+    stack to ``gdb_path`` (a gdb snapshot of this process), and exit with status 4."""
+    import subprocess
+    import threading
+
+    def fire():
+        if gdb_path:
+            with open(gdb_path, "w") as log:
+                subprocess.run(["gdb", "-p", str(os.getpid()), "-batch", "-nx", "-ex", "thread apply all bt 30"],
+                               stdout=log, stderr=subprocess.STDOUT, timeout=120)
+        print(f"[rank {dist.get_rank()}] still running after {seconds} s:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        sys.stderr.flush()
+        os._exit(4)
+
+    t = threading.Timer(seconds, fire)
+    t.daemon = True
+    t.start()
+    return t
+
+
 def accelerate_fsdp2_swap(world: int, kind: str = "adamhd", fused: bool | None = None, foreach: bool | None = None,
-                          steps: int = STEPS, fix: bool = False, gdb_dir: str | None = None):
+                          steps: int = STEPS, fix: bool = False, gdb_dir: str | None = None,
+                          hang_after_s: float | None = None):
     """What ``Accelerator.prepare(model, optimizer)`` does under FSDP2 (accelerate 1.15 ``_prepare_fsdp2``), by
     hand: the optimizer is built on the unsharded model; each of its params is replaced by a 1-element
     placeholder whose ``data_ptr`` attribute is the old storage address; the model is ``fully_shard``-ed (blocks,
     then root); ``accelerate.utils.fsdp2_switch_optimizer_parameters`` rebinds ``param_group["params"]`` in place
     to the DTensor params by that address. Then ``steps`` optimizer steps. ``gdb_dir``: write a native
-    backtrace of a crash there (``gdb<rank>.txt``). ``fix``: :func:`attach_dtensor` after the swap."""
+    backtrace of a crash there (``gdb<rank>.txt``). ``fix``: :func:`attach_dtensor` after the swap.
+    ``hang_after_s``: :func:`dump_on_hang` (native stacks to ``gdb_dir/hang<rank>.txt`` if ``gdb_dir``)."""
     import adamhd_dist
     from accelerate.utils import fsdp2_switch_optimizer_parameters
     from torch.distributed.tensor import DTensor
@@ -799,7 +897,11 @@ def accelerate_fsdp2_swap(world: int, kind: str = "adamhd", fused: bool | None =
             "hooks_before": getattr(opt, "reduce_layer_sums", None) is not None}
     if fix:
         info["how"] = attach_dtensor(opt)
-    gdb = native_backtrace_on_crash(os.path.join(gdb_dir, f"gdb{dist.get_rank()}.txt")) if gdb_dir else None
+    gdb = None
+    if hang_after_s:
+        dump_on_hang(hang_after_s, os.path.join(gdb_dir, f"hang{dist.get_rank()}.txt") if gdb_dir else None)
+    elif gdb_dir:
+        gdb = native_backtrace_on_crash(os.path.join(gdb_dir, f"gdb{dist.get_rank()}.txt"))
     model.train()
     batches = rank_batches(steps)
     for t, (x, y) in enumerate(batches):
@@ -898,6 +1000,17 @@ def plain_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------------
+def _load_kernels():
+    """Load AdamHD's JIT-built CPU kernel on every rank before any case runs. torch's cpp_extension.load takes a
+    lock file in TORCH_EXTENSIONS_DIR on every first load in a process (even when nothing is rebuilt); a rank
+    SIGKILLed while holding it (run_ranks kills the others when one rank crashes) leaves a stale lock, and every
+    later process that loads the kernel waits on it forever."""
+    from adamhd_dist.optim.kernels import cpu
+
+    cpu.available()
+    dist.barrier()
+
+
 def suite(cases):
     """Run ``cases`` (``(label, function name in this module, kwargs)``) one after another in this launch; each
     result gets ``"seconds"``; a case that raises gives ``{"error": traceback text}``."""
@@ -905,6 +1018,7 @@ def suite(cases):
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    _load_kernels()
     out = {}
     for label, fn, kw in cases:
         t0 = time.monotonic()
