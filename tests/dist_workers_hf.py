@@ -15,7 +15,16 @@ fixed data) every vocabulary row used, eps = 1e-3: reduction-order noise is not 
 parameters whose true gradient is ~0, so AdamW agrees across world sizes to ~1e-6.
 
 Environment every rank needs (tests pass it to run_ranks): ``DS_ACCELERATOR=cpu``, ``CUDA_VISIBLE_DEVICES=``,
-``MASTER_ADDR=127.0.0.1`` (run_ranks sets it), ``TORCH_EXTENSIONS_DIR`` (a writable folder) — see :data:`RANK_ENV`.
+``MASTER_ADDR=127.0.0.1`` (run_ranks sets it with the other torchrun variables), ``TORCH_EXTENSIONS_DIR`` (a
+writable folder) — see :data:`RANK_ENV`. Per door, on CPU ranks:
+
+- Trainer + DeepSpeed: ``TrainingArguments(deepspeed=cfg, use_cpu=True, report_to="none", ...)`` (or a gloo
+  ``PartialState`` made first + ``accelerator_config={"use_configured_state": True}``); ``ddp_backend="gloo"`` alone
+  is not enough (:func:`trainer_ds`, :func:`deepspeed_partial_state`).
+- Trainer + FSDP2 and Accelerate's FSDP2 plugin: Accelerate enables FSDP only for MULTI_<device> states; CPU ranks
+  get DDP (``use_cpu`` / ``cpu=True``) or no distribution at all. The harness marks the state MULTI_GPU with the
+  device left on CPU (:func:`_force_accelerate_multi_device`) to run the rest of the stack.
+- Accelerate + DeepSpeed plugin: a gloo ``PartialState`` made first (:func:`deepspeed_partial_state`).
 """
 
 from __future__ import annotations
@@ -519,12 +528,13 @@ def _reset_accelerate():
 
 
 def deepspeed_partial_state():
-    """Accelerate's process state for DeepSpeed on CPU ranks. Without it, ``TrainingArguments(deepspeed=...)`` on
-    a machine without an accelerator builds ``PartialState`` with no backend (``_prepare_backend`` picks one only
-    for a device or for ``cpu=True``, and ``cpu=True`` turns DeepSpeed off), so Accelerate counts ONE process on
-    every rank: the Trainer then asks DeepSpeed for train_batch_size = micro * 1 and DeepSpeed's batch assertion
-    fails at world 2 ("6 != 6 * 1 * 2"). Built here with backend "gloo" while ACCELERATE_USE_DEEPSPEED is set, and
-    kept by ``TrainingArguments(accelerator_config={"use_configured_state": True})``."""
+    """Accelerate's process state for DeepSpeed on CPU ranks, made before TrainingArguments / Accelerator. Without
+    it (and without ``use_cpu=True``), ``TrainingArguments(deepspeed=...)`` on a machine without an accelerator
+    builds ``PartialState`` with no backend (``_prepare_backend`` picks one only for a device or for ``cpu=True``;
+    TrainingArguments passes ``ddp_backend`` only on its non-DeepSpeed paths), so Accelerate counts ONE process on
+    every rank: the Trainer asks DeepSpeed for train_batch_size = micro * 1 and DeepSpeed's batch assertion fails
+    at world 2 ("6 != 6 * 1 * 2"). Built here with backend "gloo" while ACCELERATE_USE_DEEPSPEED is set; kept by
+    ``TrainingArguments(accelerator_config={"use_configured_state": True})`` or used as is by ``Accelerator``."""
     from accelerate.state import PartialState
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -535,25 +545,35 @@ def deepspeed_partial_state():
 
 def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, steps: int = STEPS,
                offload: bool = False, save_steps: int | None = None, resume: str | None = None,
-               outdir: str | None = None):
+               outdir: str | None = None, setup: str = "use_cpu"):
     """transformers Trainer + DeepSpeed ZeRO-``stage``: AdamHD (or AdamW) through ``optimizer_cls_and_kwargs``; a
     probe callback records what on_train_begin gets and, with ``fix`` (True / "gc" / "stand-in"), attaches AdamHD's
     layout from it (:func:`attach_from`).
     ``save_steps``: Trainer checkpoints every that many steps into ``outdir``; ``resume``: a checkpoint folder to
-    resume from (``trainer.train(resume_from_checkpoint=resume)``)."""
+    resume from (``trainer.train(resume_from_checkpoint=resume)``).
+    ``setup``: how Accelerate's process state gets a backend on CPU ranks. ``"use_cpu"``:
+    ``TrainingArguments(use_cpu=True, deepspeed=...)`` (PartialState(cpu=True) picks gloo and counts the ranks; the
+    Accelerator the Trainer builds is not told cpu=True, so DeepSpeed stays on); ``"configured"``:
+    :func:`deepspeed_partial_state` + ``accelerator_config={"use_configured_state": True}``; ``"plain"``: neither
+    (``ddp_backend="gloo"`` alone is ignored on the DeepSpeed path): Accelerate counts one process per rank and
+    DeepSpeed's batch-size assertion fails at world > 1."""
     from transformers import Trainer
 
     _reset_accelerate()
     EVENTS.clear()
     _trace_deepspeed_checkpoints()
     model = build_model()
-    deepspeed_partial_state()
+    extra = {}
+    if setup == "configured":
+        deepspeed_partial_state()
+        extra["accelerator_config"] = {"use_configured_state": True}
+    elif setup == "use_cpu":
+        extra["use_cpu"] = True
     scratch = None
     if outdir is None:
         scratch = outdir = tempfile.mkdtemp(prefix="hf-trainer-")
     args = training_args(outdir, world, steps=steps, save_steps=save_steps,
-                         deepspeed=trainer_ds_config(stage, offload),
-                         accelerator_config={"use_configured_state": True})
+                         deepspeed=trainer_ds_config(stage, offload), **extra)
     probe = _make_probe_callback(fix)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(data(steps)),
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(kind), callbacks=[probe])
@@ -561,11 +581,13 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, step
     engine = trainer.model_wrapped
     out = {"params": gather_params(engine), "seen": probe.seen, "how": probe.how, "events": list(EVENTS),
            "engine": describe(engine, 1), "model_wrapped_is_engine": type(engine).__name__,
+           "is_deepspeed_enabled": trainer.is_deepspeed_enabled,
            "world": dist.get_world_size(), "accelerate_num_processes": trainer.accelerator.num_processes,
            "accelerate_distributed_type": str(trainer.accelerator.distributed_type),
            "ds_config": {k: engine.config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                                             "gradient_accumulation_steps", "gradient_clipping",
-                                                            "zero_allow_untested_optimizer")},
+                                                            "zero_allow_untested_optimizer")}
+           if trainer.is_deepspeed_enabled else None,
            "state_at_end": _inner_state_summary(trainer.optimizer)}
     adam = _adamhd_of(trainer.optimizer)
     if adam is not None:

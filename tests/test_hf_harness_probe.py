@@ -81,6 +81,8 @@ def world2(tmp_path_factory, ref):
     ck = tmp_path_factory.mktemp("hf_ckpt")
     cases = _trainer_cases(2) + [
         ("trainer_z2_fix_standin", "trainer_ds", dict(world=2, stage=2, fix="stand-in")),
+        ("trainer_z2_fix_configured", "trainer_ds", dict(world=2, stage=2, fix="gc", setup="configured")),
+        ("trainer_z2_plain_setup", "trainer_ds", dict(world=2, stage=2, setup="plain")),
         ("trainer_z2_offload_fix", "trainer_ds", dict(world=2, stage=2, offload=True, fix="gc")),
         ("resume_z2", "trainer_ds_resume", dict(world=2, stage=2, outdir=str(ck / "z2"))),
         ("resume_z3", "trainer_ds_resume", dict(world=2, stage=3, outdir=str(ck / "z3"))),
@@ -146,8 +148,10 @@ def assert_exact(out, label, ref, kind="adamhd", deltas=True):
 @pytest.mark.parametrize("w", [1, 2])
 def test_trainer_deepspeed_runs_on_cpu_ranks(world1, world2, w):
     out = {1: world1, 2: world2}[w]
-    for label, _, _ in _trainer_cases(w):
+    labels = [label for label, _, _ in _trainer_cases(w)] + (["trainer_z2_fix_configured"] if w == 2 else [])
+    for label in labels:
         for res in ok(out, label):
+            assert res["is_deepspeed_enabled"] and res["engine"] == ["deepspeed.runtime.engine.DeepSpeedEngine"]
             assert res["accelerate_num_processes"] == w == res["world"]
             assert res["accelerate_distributed_type"] == "DistributedType.DEEPSPEED"
             assert res["ds_config"] == {"train_batch_size": W.GLOBAL_BATCH,
@@ -155,6 +159,13 @@ def test_trainer_deepspeed_runs_on_cpu_ranks(world1, world2, w):
                                         "gradient_accumulation_steps": 1, "gradient_clipping": W.CLIP,
                                         "zero_allow_untested_optimizer": True}
             assert res["state_at_end"]["steps"] == [float(W.STEPS)]
+
+
+def test_today_trainer_deepspeed_needs_a_cpu_backend(world2):
+    """Without use_cpu=True or a pre-made gloo PartialState, Accelerate sees no backend on CPU ranks and counts one
+    process per rank; the Trainer then gives DeepSpeed a global batch of one rank's, which DeepSpeed refuses."""
+    for res in world2:
+        assert "6 != 6 * 1 * 2" in res["trainer_z2_plain_setup"].get("error", "")
 
 
 @pytest.mark.parametrize("stage", ZERO_STAGES)
@@ -179,7 +190,7 @@ def test_today_trainer_deepspeed_adamhd_is_inexact(world1, world2, ref, stage):
 
 @pytest.mark.parametrize("w,label", [(1, "trainer_z2_fix"), (1, "trainer_z3_fix"), (2, "trainer_z2_fix"),
                                      (2, "trainer_z3_fix"), (2, "trainer_z2_fix_standin"),
-                                     (2, "trainer_z2_offload_fix")])
+                                     (2, "trainer_z2_fix_configured"), (2, "trainer_z2_offload_fix")])
 def test_trainer_deepspeed_callback_fix_is_exact(world1, world2, ref, w, label):
     """A callback that, at on_train_begin, finds the engine (or the ZeRO optimizer) from its ``model`` and
     ``optimizer`` arguments and calls attach_layout makes world 1 and world 2 equal the reference."""
