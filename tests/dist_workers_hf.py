@@ -557,8 +557,6 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, step
     :func:`deepspeed_partial_state` + ``accelerator_config={"use_configured_state": True}``; ``"plain"``: neither
     (``ddp_backend="gloo"`` alone is ignored on the DeepSpeed path): Accelerate counts one process per rank and
     DeepSpeed's batch-size assertion fails at world > 1."""
-    from transformers import Trainer
-
     _reset_accelerate()
     EVENTS.clear()
     _trace_deepspeed_checkpoints()
@@ -572,6 +570,17 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, step
     scratch = None
     if outdir is None:
         scratch = outdir = tempfile.mkdtemp(prefix="hf-trainer-")
+    try:
+        return _trainer_ds_run(world, model, stage, kind, fix, steps, offload, save_steps, resume, outdir, extra)
+    finally:
+        _destroy_engines()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trainer_ds_run(world, model, stage, kind, fix, steps, offload, save_steps, resume, outdir, extra):
+    from transformers import Trainer
+
     args = training_args(outdir, world, steps=steps, save_steps=save_steps,
                          deepspeed=trainer_ds_config(stage, offload), **extra)
     probe = _make_probe_callback(fix)
@@ -600,10 +609,6 @@ def trainer_ds(world: int, stage: int = 2, kind: str = "adamhd", fix=False, step
         out["checkpoints"] = sorted(os.listdir(outdir))
         out["saved"] = probe.saved
         out["saved_files"] = saved_optimizer_state(outdir)
-    del trainer, engine
-    _destroy_engines()
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
