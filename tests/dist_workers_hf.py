@@ -786,16 +786,18 @@ def rank_batches(steps: int = STEPS):
 
 
 def accelerate_ds(world: int, stage: int = 2, kind: str = "adamhd", fix: bool = False, steps: int = STEPS,
-                  allow_untested: bool = True):
+                  allow_untested: bool = True, premade_state: bool = True):
     """``Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))``; ``model, opt, dl =
     accelerator.prepare(model, AdamHD(groups), dl)``; ``accelerator.backward(loss); opt.step(); opt.zero_grad()``.
-    With ``fix``: ``attach_layout`` on the prepared model (the engine) before the first step."""
+    With ``fix``: ``attach_layout`` on the prepared model (the engine) before the first step. ``premade_state``:
+    make the gloo PartialState first (:func:`deepspeed_partial_state`); without it, see what Accelerate does."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     _reset_accelerate()
-    deepspeed_partial_state()
+    if premade_state:
+        deepspeed_partial_state()
     model = build_model()
     opt = make_optimizer(kind, trainer_groups(model, HP["weight_decay"]))
     cfg = plain_ds_config(world, stage, allow_untested=allow_untested)

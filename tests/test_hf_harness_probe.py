@@ -93,6 +93,7 @@ def world2(tmp_path_factory, ref):
         ("accel_fsdp2_configured", "accelerate_fsdp2_plugin", dict(world=2, kind="adamw", mode="configured")),
         ("accel_fsdp2_forced_adamw", "accelerate_fsdp2_plugin", dict(world=2, kind="adamw", mode="forced")),
         ("plain_z2_adamw", "plain_ds", dict(world=2, stage=2, kind="adamw")),
+        ("accel_ds_no_premade_state", "accelerate_ds", dict(world=2, stage=2, kind="adamw", premade_state=False)),
     ]
     for s in ZERO_STAGES:
         cases += [(f"accel_ds_z{s}_nofix", "accelerate_ds", dict(world=2, stage=s, allow_untested=False)),
@@ -303,6 +304,17 @@ def test_accelerate_deepspeed(world2, ref, stage):
 def test_today_accelerate_deepspeed_adamhd_is_inexact(world2, ref, stage):
     for res in ok(world2, f"accel_ds_z{stage}_nofix"):
         assert rel_err(res["params"], ref["adamhd"]["params"]) > 10 * TOL
+
+
+def test_today_accelerate_deepspeed_needs_a_premade_gloo_state(world2, ref):
+    """Accelerator(deepspeed_plugin=...) alone on CPU ranks: Accelerate counts one process (no backend), so the
+    DataLoader is not sharded — every rank feeds the same rows and the run takes twice the steps — while DeepSpeed
+    itself runs on both ranks. Nothing fails; the result is silently wrong (AdamW here)."""
+    results = ok(world2, "accel_ds_no_premade_state")
+    for res in results:
+        assert res["num_processes"] == 1 and res["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert rel_err(res["params"], ref["adamw"]["params"]) > 1e-2
+    assert rel_err(results[1]["params"], results[0]["params"]) == 0.0
 
 
 @pytest.mark.parametrize("stage", ZERO_STAGES)
