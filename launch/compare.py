@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adamhd_train.train import parse_count as count  # noqa: E402
+from adamhd_train.settings import parse_count as count  # noqa: E402
 
 PROG = "compare.py"
 

@@ -1,7 +1,6 @@
 """The comparison harness: configuration, run planning, the verdict from numbers, and one small end-to-end run of
 launch/compare.py (nano model, a few steps, tmp folders) that must produce the report, the plots and results.json."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,16 +12,12 @@ from pathlib import Path
 import pytest
 
 from adamhd_study.compare import ARMS, plan_runs, preset, summarize
+from adamhd_train.cli import build_parser, given_options
+from adamhd_train.ranks import LaunchContext
+from adamhd_train.resolve import resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_gpt3_under_test", ROOT / "launch" / "pretrain_gpt3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -80,15 +75,11 @@ def test_plan_runs_same_budget_and_same_outliers(tmp_path):
 
 def test_launcher_accepts_every_run(tmp_path):
     """Each run's options parse and resolve in the launcher itself: same model, schedule inputs, no ramp."""
-    from adamhd_train.train import LaunchContext, resolve_settings
-
-    launcher = _launcher()
     cfg = preset("tiny", out_dir=str(tmp_path))
     ctx = LaunchContext(0, 1, 0, 1, "single process", False)
     resolved = {}
     for run in plan_runs(cfg):
-        args = launcher.build_parser().parse_args(run.launcher_args(cfg))
-        given = {k: v for k, v in vars(args).items() if k not in ("from_manifest", "master_port", "local_rank")}
+        given = given_options(build_parser().parse_args(run.launcher_args(cfg)))
         r = resolve_settings(given, ctx)
         resolved[run.name] = r
         s = r.settings
@@ -275,14 +266,10 @@ def test_end_to_end_rerun_reuses_finished_runs(e2e):
 
 def test_gpt3_small_preset_resolves_on_a_gpu_machine(tmp_path):
     """The GPU preset's runs are valid launcher jobs (checked without a GPU: nothing is built or downloaded)."""
-    from adamhd_train.train import LaunchContext, resolve_settings
-
-    launcher = _launcher()
     cfg = preset("gpt3-small", out_dir=str(tmp_path), nproc=1)
     ctx = LaunchContext(0, 1, 0, 1, "single process", True)
     for run in plan_runs(cfg):
-        args = launcher.build_parser().parse_args(run.launcher_args(cfg))
-        given = {k: v for k, v in vars(args).items() if k not in ("from_manifest", "master_port", "local_rank")}
+        given = given_options(build_parser().parse_args(run.launcher_args(cfg)))
         s = resolve_settings(given, ctx).settings
         assert s.model == "gpt3-small" and s.seq_len == 2048 and s.dtype == "bf16" and s.lr == 6e-4
         assert s.global_batch_tokens * s.max_steps == 524_288 * 2000
