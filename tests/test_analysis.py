@@ -1,4 +1,5 @@
-"""Unit tests of adamhd_study.analysis: pruning, histograms, steps-to-target, the outlier schedule, verdicts."""
+"""Unit tests of adamhd_study.analysis (pruning, histograms, steps-to-target, the outlier schedule) and of
+adamhd_study.stats (the rule that calls a difference real)."""
 
 import math
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from adamhd_study.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, compare_values, decayed_tensors,
+from adamhd_study.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, decayed_tensors,
                                   layer_type, magnitude_edges, magnitude_histograms, magnitude_prune, prune_model_,
                                   small_weight_fraction, speedup, steps_to_target)
+from adamhd_study.stats import compare_values
 from adamhd_train.models import build_model
 
 
@@ -300,3 +302,4 @@ def test_compare_values_uses_seed_noise():
     assert compare_values(ref, steady, min_effect=0.01).outcome == "better"
     with pytest.raises(ValueError, match="same, non-zero number of seeds"):
         compare_values([1.0], [1.0, 2.0], min_effect=0.0)
+

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from adamhd_study.compare import ARMS, plan_runs, preset, summarize
+from adamhd_study.collect import load_final_weights
+from adamhd_study.config import ARMS, preset
+from adamhd_study.plan import check_run_dirs, plan_runs, run_spec
+from adamhd_study.summary import summarize
 from adamhd_train.cli import build_parser, given_options
 from adamhd_train.ranks import LaunchContext
 from adamhd_train.resolve import resolve_settings
@@ -276,14 +279,12 @@ def test_gpt3_small_preset_resolves_on_a_gpu_machine(tmp_path):
 
 
 def test_run_dir_with_other_settings_is_refused(tmp_path):
-    from adamhd_study.compare import _spec, check_run_dirs
-
     cfg = preset("tiny", out_dir=str(tmp_path))
     runs = plan_runs(cfg)
     check_run_dirs(runs, cfg)                                  # nothing there yet
     for run in runs:
         run.run_dir.mkdir(parents=True)
-        (run.run_dir / "compare_spec.json").write_text(json.dumps(_spec(run, cfg)))
+        (run.run_dir / "compare_spec.json").write_text(json.dumps(run_spec(run, cfg)))
     check_run_dirs(runs, cfg)                                  # the same settings: reusable
     other = preset("tiny", out_dir=str(tmp_path), outlier_rate=0.05, lr=1e-3)
     with pytest.raises(ValueError, match=r"holds the run baseline-adamhd-s0 with other settings \(now: --lr "
@@ -302,7 +303,6 @@ def test_load_final_weights_from_an_fsdp_style_checkpoint(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from adamhd_train.checkpoints import TRAINER_STATE
-    from adamhd_study.compare import load_final_weights
 
     folder = tmp_path / "checkpoints" / "step3"
     folder.mkdir(parents=True)
