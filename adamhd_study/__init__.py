@@ -6,7 +6,7 @@
 - :mod:`~adamhd_study.plan`: the runs and their command lines; :mod:`~adamhd_study.execute`: running them;
   :mod:`~adamhd_study.compare_runner`: the launcher with outlier gradients injected;
 - :mod:`~adamhd_study.collect`: reading runs back, final weights evaluated, pruned, histogrammed;
-- :mod:`~adamhd_study.stats`: means and the rule for a real difference; :mod:`~adamhd_study.summary`: the comparison's
+- :mod:`~adamhd_study.stats`: means and the paired t test; :mod:`~adamhd_study.summary`: the comparison's
   numbers and judgements; :mod:`~adamhd_study.verdict`: the verdict's sentences;
 - :mod:`~adamhd_study.report` (with ``templates/``) and :mod:`~adamhd_study.plots`: ``report.md``, ``results.json``
   and the PNGs;

@@ -96,6 +96,8 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                                                      "higher of the two final losses, which both reached)")
     e.add_argument("--min-effect", type=float, help="smallest loss difference in nats counted as real "
                                                     "(default 0.01)")
+    e.add_argument("--alpha", type=float, help="level of the two-sided paired t test a loss difference must pass "
+                                               "with two seeds or more (default 0.05)")
     e.add_argument("--speedup-tolerance", type=float, help="speed-ups within 1 ± this count as none (default 0.05)")
     e.add_argument("--prune-tolerance", type=float, help="relative perplexity increase a pruned model may have "
                                                          "(default 0.05)")

@@ -15,8 +15,8 @@
 5. report (:mod:`adamhd_study.report`): ``report.md`` from its templates, ``results.json`` and the PNG plots.
 
 What counts as a real difference (stated in the report): a loss difference larger than ``min_effect`` nats
-(default 0.01, about 1% perplexity) and, with two seeds or more, larger than twice the standard error of the
-per-seed paired differences; a speed-up further from 1 than ``speedup_tolerance``
+(default 0.01, about 1% perplexity) and, with two seeds or more, significant in a two-sided paired t test at level
+``alpha`` (default 0.05) on the per-seed differences; a speed-up further from 1 than ``speedup_tolerance``
 (default 5%); a pruned model "tolerates" a sparsity while its perplexity stays within ``prune_tolerance``
 (default 5%) of the unpruned one.
 """

@@ -109,6 +109,8 @@ class CompareConfig:
     """Wall-clock limit per run; a run past it is stopped and reported as failed."""
     min_effect: float = 0.01
     """Smallest validation-loss difference (nats) counted as real, whatever the seed noise."""
+    alpha: float = 0.05
+    """Significance level of the paired t test that a loss difference must pass with two seeds or more."""
     speedup_tolerance: float = 0.05
     """Speed-ups within 1 ± this are reported as no measurable difference."""
     prune_tolerance: float = 0.05
@@ -171,6 +173,8 @@ class CompareConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
+            raise ValueError(f"--alpha must be a number in (0, 1), got {self.alpha!r}")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
         if self.target_loss is not None and not (isinstance(self.target_loss, (int, float))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from .config import CompareConfig
 from .plots import plot_all
-from .stats import mean
+from .stats import mean, t_critical
 from .verdict import PAPER_CLAIMS, fmt_speedup
 
 __all__ = ["write_report", "render_report", "loss_rule"]
@@ -48,8 +48,11 @@ def _image(alt: str, name: Optional[str]) -> str:
 
 def loss_rule(cfg: CompareConfig) -> str:
     """The sentence that states when a loss difference counts as real (the rule of :mod:`adamhd_study.stats`)."""
+    seeds = sorted({2, 3, max(cfg.seeds, 2)})
+    t_values = ", ".join(f"{t_critical(n - 1, cfg.alpha):.2f} at {n} seeds" for n in seeds)
     return _fill("loss_rule.md", min_effect=f"{cfg.min_effect:g}",
-                 min_effect_ppl=f"{100 * (math.exp(cfg.min_effect) - 1):.1f}%").strip()
+                 min_effect_ppl=f"{100 * (math.exp(cfg.min_effect) - 1):.1f}%", alpha=f"{cfg.alpha:g}",
+                 t_values=t_values).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,8 +112,9 @@ def _seed_rule(cfg: CompareConfig) -> str:
     if cfg.seeds == 1:
         return ("With one seed there is no estimate of seed noise: differences are judged against the fixed "
                 "minimum effect only.")
-    return ("Differences are judged against twice the standard error of the paired per-seed differences, or the "
-            "minimum effect if larger.")
+    return (f"Differences are judged with a two-sided paired t test on the per-seed differences at level "
+            f"α = {cfg.alpha:g} (critical value {t_critical(cfg.seeds - 1, cfg.alpha):.2f} at {cfg.seeds - 1} "
+            f"degrees of freedom), and must exceed the minimum effect.")
 
 
 def _optimizer_table(cfg: CompareConfig, results: list[dict]) -> str:

@@ -121,7 +121,8 @@ def _judge(cfg: CompareConfig, ref: dict[int, float], cand: dict[int, float], **
     seeds = sorted(set(ref) & set(cand))
     if not seeds:
         return None
-    c = compare_values([ref[s] for s in seeds], [cand[s] for s in seeds], min_effect=cfg.min_effect)
+    c = compare_values([ref[s] for s in seeds], [cand[s] for s in seeds], min_effect=cfg.min_effect,
+                       alpha=cfg.alpha)
     return dataclasses.asdict(c) | {"seeds": seeds} | extra
 
 

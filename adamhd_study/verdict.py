@@ -40,11 +40,12 @@ def _outcome_words(outcome: str, better: str, worse: str, same: str) -> str:
 
 
 def noise_words(j: dict) -> str:
-    """How a judgement's threshold was set: the minimum effect alone (one seed), or twice the seed noise."""
+    """How a judgement's threshold was set: the minimum effect alone (one seed), or the t test's."""
     if j["noise"] is None:
         return f"threshold ±{j['threshold']:.4f} nats; one seed, so no seed-noise estimate"
-    return (f"threshold ±{j['threshold']:.4f} nats = max(min effect, 2 × seed standard error {j['noise']:.4f}) over "
-            f"{len(j['seeds'])} seeds")
+    return (f"threshold ±{j['threshold']:.4f} nats = max(min effect, t critical value {j['t_critical']:.2f} × seed "
+            f"standard error {j['noise']:.4f}): paired t test over {len(j['seeds'])} seeds, p = {j['p_value']:.3g} "
+            f"(real at p < {j['alpha']:g})")
 
 
 def _scale(cfg: CompareConfig, base: list[dict]) -> str:

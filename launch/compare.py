@@ -8,7 +8,7 @@ Each arm (optimizer x setting x seed) is a normal launch/pretrain_gpt3.py run wi
     # CPU: the tiny model on the embedded corpus, 3 arms x 2 optimizers, one seed (11 min on 2 shared cores)
     python launch/compare.py --preset tiny --out-dir runs/compare-tiny
 
-    # more seeds give a noise estimate; arms and budget are flags
+    # more seeds give a noise estimate (a difference must pass a paired t test, --alpha); arms and budget are flags
     python launch/compare.py --preset tiny --seeds 3 --arms baseline,outliers --max-steps 600
 
     # GPU: GPT-3 Small, 0.5M-token batches, 2,000 steps per baseline run (OpenWebText; --data for a local corpus)

@@ -152,6 +152,45 @@ def test_verdict_says_so_when_the_candidate_does_not_win(tmp_path):
     assert row["target"] == pytest.approx(3.004) and 0.95 < row["speedup_steps"] <= 1.0
 
 
+def _fake_seeds(ref_finals, cand_finals):
+    return [_fake_run("baseline", opt, seed, final)
+            for opt, finals in (("adamw", ref_finals), ("adamhd", cand_finals)) for seed, final in enumerate(finals)]
+
+
+def _meta():
+    machine = {"cpu": "test CPU", "cpus": 2, "gpus": "none", "memory_gb": 1.0, "python": "3", "torch": "2",
+               "deepspeed": "0"}
+    return {"command": "python launch/compare.py", "started": 0.0, "machine": machine, "load_start": 0.0,
+            "load_end": 0.0, "total_s": 60.0, "runs_wall_s": None, "runs_cpu_s": None, "threads": 1,
+            "data": {"train_tokens": 1000, "val_tokens": 100}, "val_batches": 3}
+
+
+def test_verdict_and_report_use_the_paired_t_test_at_three_seeds(tmp_path):
+    """Three seeds whose mean difference is over twice its standard error (the old rule's 'real'), yet not
+    significant in a paired t test: the verdict calls it no measurable difference and names the test, and the
+    report states the rule with its critical value."""
+    from adamhd_study.report import render_report
+
+    cfg = preset("tiny", out_dir=str(tmp_path), arms=("baseline",), seeds=3)
+    results = _fake_seeds([3.00, 3.10, 2.90], [2.95, 3.08, 2.87])
+    s = summarize(cfg, results)
+    j = s["judgements"]["adamhd"]["final:baseline"]
+    assert j["outcome"] == "same" and j["seeds"] == [0, 1, 2] and j["t_critical"] == pytest.approx(4.303, abs=1e-3)
+    text = " ".join(s["verdict"]["adamhd"])
+    assert "adamhd's is not measurably different" in text
+    assert "t critical value 4.30 × seed standard error" in text and "paired t test over 3 seeds" in text
+    no_plots = dict.fromkeys(("tokens", "time", "pruning", "hist", "deltas", "outliers"))
+    report = render_report(cfg, results, s, _meta(), no_plots)
+    assert "Seeds: 3 " in report and "two-sided paired t test on the per-seed differences at level α = 0.05" \
+        in report and "critical value 4.30 at 2 degrees of freedom" in report
+    rule = report.split("## Thresholds used by the verdict")[1]
+    assert "two-sided paired t test" in rule and "12.71 at 2 seeds, 4.30 at 3 seeds" in rule
+    assert "$" not in report  # every template placeholder was filled
+    steady = summarize(cfg, _fake_seeds([3.00, 3.10, 2.90], [2.95, 3.052, 2.848]))
+    assert steady["judgements"]["adamhd"]["final:baseline"]["outcome"] == "better"
+    assert "adamhd's is lower (better)" in " ".join(steady["verdict"]["adamhd"])
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 E2E_ARGS = ["--preset", "tiny", "--model", "nano", "--seq-len", "64", "--global-batch-tokens", "512",
             "--micro-batch", "8", "--max-steps", "6", "--eval-interval", "2", "--eval-batches", "2",
