@@ -60,7 +60,7 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                                    f"a CPU-only one)")
     m.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
                    help="precision (default auto: the DeepSpeed config's, bf16 on GPU for FSDP2; fp32 on a CPU-only "
-                        "machine, where fp16 is refused)")
+                        "machine, where fp16 is refused; fp16 needs DeepSpeed, whose fp16 mode scales the loss)")
     m.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in the backward pass (default off)")
 

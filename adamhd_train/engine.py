@@ -260,11 +260,11 @@ class FSDPEngine(_EngineBase):
 
     def __init__(self, model, *, optimizer_kwargs: dict, weight_decay: float, grad_clip: float, dtype: str,
                  make_scheduler: Callable, device):
+        if dtype == "fp16":
+            raise ValueError("dtype: fp16 needs loss scaling, which the FSDP2 engine does not do (fp16 gradients "
+                             "underflow without it); use bf16 or fp32")
         super().__init__(device)
-        mp = None
-        if dtype in ("bf16", "fp16"):
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
-                                      reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else None
         self.model = apply_fsdp(model, mp_policy=mp)
         self.optimizer = AdamHD(param_groups(self.model, weight_decay), **optimizer_kwargs)
         self.lr_scheduler = make_scheduler(self.optimizer)
@@ -338,7 +338,8 @@ def build_engine(
         make_scheduler: ``optimizer -> LambdaLR`` (the recipe's schedule).
         weight_decay: λ of the decayed group (matrices, embeddings); biases and norms are not decayed.
         grad_clip: global gradient-norm clip (0 disables; FSDP2 only, DeepSpeed reads its config).
-        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (FSDP2's mixed precision; DeepSpeed reads its config).
+        dtype: ``"fp32"`` or ``"bf16"`` (FSDP2's mixed precision; fp16 is refused: it has no loss scaling);
+            DeepSpeed reads its config (where fp16 is scaled by DeepSpeed).
     """
     if kind == "deepspeed":
         if ds_config is None:

@@ -290,7 +290,7 @@ def resolve_optimizer(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict]
 
 def resolve_precision(r: _Resolution, launch: str, ds_source: Optional[dict]) -> dict[str, Any]:
     """``dtype``: ``auto`` takes the config's (FSDP2: bf16 on a GPU), fp32 instead of bf16 on a CPU-only machine;
-    fp16 without a GPU is refused."""
+    fp16 without a GPU is refused (fp16 with FSDP2 anywhere: :class:`TrainSettings`)."""
     ctx = r.ctx
     asked = config_dtype(ds_source) if launch == "deepspeed" else ("bf16" if ctx.on_gpu else "fp32")
     dtype = r.given.get("dtype", "auto")

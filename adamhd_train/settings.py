@@ -109,7 +109,7 @@ class TrainSettings:
     ramp_start_tokens: int
     """Global batch at the first step of the ramp, tokens."""
     dtype: str
-    """Training precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+    """Training precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (fp16 with DeepSpeed only, which scales the loss)."""
     activation_checkpointing: bool
     """Recompute each block in the backward pass."""
     seed: int
@@ -152,6 +152,12 @@ class TrainSettings:
             raise SettingsError(f"launch must be 'deepspeed' or 'fsdp', got {self.launch!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise SettingsError(f"--dtype must be one of fp32, bf16, fp16, got {self.dtype!r}")
+        if self.launch == "fsdp" and self.dtype == "fp16":
+            # fp16 gradients underflow without loss scaling, and the FSDP2 engine has none (DeepSpeed's fp16 mode
+            # scales the loss itself); bf16 has fp32's exponent range and needs no scaling.
+            raise SettingsError("--dtype fp16 with --fsdp: the FSDP2 engine has no loss scaling, without which fp16 "
+                                "gradients underflow; use --dtype bf16 (or fp32), or DeepSpeed (--deepspeed "
+                                "CONFIG), whose fp16 mode scales the loss")
         for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_interval",
                      "eval_batches", "save_interval", "log_interval", "ramp_start_tokens"):
             positive_int(name, getattr(self, name))

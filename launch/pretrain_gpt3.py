@@ -29,6 +29,8 @@ checkpoint every --save-interval steps (atomically: an interrupted run loses no 
 one at the end of the current step), and writes into --out-dir: metrics.jsonl, deltas.jsonl (per-layer δ),
 tensorboard/, manifest.json, checkpoints/ and loss_curve.png. Re-running the same command continues the run
 (--resume auto). Bad options are reported before any work starts, with the option's name and what is allowed.
+Precision: the DeepSpeed config's (fp16 included: DeepSpeed scales the loss) or, for FSDP2, bf16 on a GPU; FSDP2
+refuses fp16 (it has no loss scaling).
 Counts of tokens accept k/M/B suffixes (375M, 4B).
 """
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import launch_runs as lr
 from dist_utils import ROOT, free_port
@@ -339,6 +340,29 @@ def test_cpu_adaptations_of_gpu_configs():
     kept = resolve_settings({"deepspeed_config": str(ROOT / "ds_configs/zero2_adamhd.json"), "dtype": "bf16"},
                             _ctx(2))
     assert kept.settings.dtype == "bf16" and kept.ds_config["bf16"]["enabled"] is True
+
+
+def test_fsdp_fp16_is_refused_on_a_gpu(tmp_path, capsys, monkeypatch):
+    """FSDP2 has no loss scaling, so --fsdp --dtype fp16 is refused on a GPU machine too (CUDA faked here: the
+    refusal comes before anything touches the GPU), naming the option and bf16; so is such a job from a manifest,
+    and the engine itself refuses it."""
+    from adamhd_train.engine import build_engine
+
+    ctx = LaunchContext(rank=0, world_size=8, local_rank=0, local_world_size=8, launcher="torchrun", on_gpu=True)
+    with pytest.raises(SettingsError, match=r"--dtype fp16 with --fsdp: .* no loss scaling.* use --dtype bf16"):
+        resolve_settings({"fsdp": True, "dtype": "fp16"}, ctx)
+    bf16 = resolve_settings({"fsdp": True}, ctx).settings
+    assert bf16.dtype == "bf16"
+    with pytest.raises(SettingsError, match="--dtype fp16 with --fsdp"):
+        resolve_settings({}, ctx, base=bf16.to_dict() | {"dtype": "fp16"})
+    with pytest.raises(ValueError, match="fp16 needs loss scaling"):
+        build_engine("fsdp", torch.nn.Linear(4, 4), device=torch.device("cpu"), make_scheduler=lambda opt: None,
+                     weight_decay=0.1, grad_clip=1.0, dtype="fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(ROOT)
+    rc, err = _main(["--fsdp", "--dtype", "fp16", "--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and "pretrain_gpt3.py: error: --dtype fp16 with --fsdp" in err and "--dtype bf16" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_with_a_scheduler_is_refused(tmp_path):
