@@ -114,7 +114,7 @@ def _seed_rule(cfg: CompareConfig) -> str:
                 "minimum effect only.")
     return (f"Differences are judged with a two-sided paired t test on the per-seed differences at level "
             f"α = {cfg.alpha:g} (critical value {t_critical(cfg.seeds - 1, cfg.alpha):.2f} at {cfg.seeds - 1} "
-            f"degrees of freedom), and must exceed the minimum effect.")
+            f"degree{'s' if cfg.seeds > 2 else ''} of freedom), and must exceed the minimum effect.")
 
 
 def _optimizer_table(cfg: CompareConfig, results: list[dict]) -> str:

@@ -44,8 +44,8 @@ def noise_words(j: dict) -> str:
     if j["noise"] is None:
         return f"threshold ±{j['threshold']:.4f} nats; one seed, so no seed-noise estimate"
     return (f"threshold ±{j['threshold']:.4f} nats = max(min effect, t critical value {j['t_critical']:.2f} × seed "
-            f"standard error {j['noise']:.4f}): paired t test over {len(j['seeds'])} seeds, p = {j['p_value']:.3g} "
-            f"(real at p < {j['alpha']:g})")
+            f"standard error {j['noise']:.4f}): paired t test over {len(j['seeds'])} seeds at level {j['alpha']:g}, "
+            f"p = {j['p_value']:.3g}")
 
 
 def _scale(cfg: CompareConfig, base: list[dict]) -> str:
