@@ -228,7 +228,16 @@ def _arm_sections(cfg: CompareConfig, summary: dict, results: list[dict], plot: 
         parts.append(_fill("arm.md", heading="Outlier-gradient ablation" if arm == "outliers" else "Large batch",
                            description=_arm_description(cfg, arm, results), table=table,
                            plot=_image("outlier arm", plot) if arm == "outliers" else ""))
-    return "".join(parts)
+    return "\n".join(parts)
+
+
+def _optional_sections(cfg: CompareConfig, results: list[dict], summary: dict, plots: dict[str, Optional[str]]) -> str:
+    """Pruning, weights, the other arms and δ: the sections there is something to show for, a blank line after
+    each."""
+    parts = (_pruning_section(cfg, summary, plots["pruning"]), _weights_section(summary, plots["hist"]),
+             _arm_sections(cfg, summary, results, plots["outliers"]),
+             _fill("deltas.md", plot=plots["deltas"]) if plots["deltas"] else "")
+    return "".join(p + "\n" for p in parts if p)
 
 
 def render_report(cfg: CompareConfig, results: list[dict], summary: dict, meta: dict,
@@ -250,10 +259,7 @@ def render_report(cfg: CompareConfig, results: list[dict], summary: dict, meta: 
         optimizer_table=_optimizer_table(cfg, results), run_table=_run_table(results),
         final_table=_final_table(cfg, summary), curve_plots=curves + "\n\n" if curves else "",
         target=_target(cfg), reference=cfg.reference, speedup_table=_speedup_table(cfg, summary),
-        pruning_section=_pruning_section(cfg, summary, plots["pruning"]),
-        weights_section=_weights_section(summary, plots["hist"]),
-        arm_sections=_arm_sections(cfg, summary, results, plots["outliers"]),
-        deltas_section=_fill("deltas.md", plot=plots["deltas"]) if plots["deltas"] else "",
+        sections=_optional_sections(cfg, results, summary, plots),
         loss_rule=loss_rule(cfg), speedup_tolerance=f"{cfg.speedup_tolerance:g}",
         paper_speedup=f"{PAPER_CLAIMS['speedup']:.2f}", prune_tolerance=f"{cfg.prune_tolerance:.0%}",
         paper_prune=f"{PAPER_CLAIMS['prune_sparsity']:.0%}",
