@@ -1,8 +1,9 @@
 """Measurements for comparing optimizers on one model: magnitude pruning, weight-magnitude histograms by layer
-type, steps-to-target speed-up, a deterministic outlier-gradient injector, and verdicts from measured numbers.
+type, steps-to-target speed-up, and a deterministic outlier-gradient injector (the rule that judges a difference
+is :mod:`adamhd_study.stats`).
 
 Everything here is a pure function of tensors or curves (no process group, no files), so each part is
-unit-tested on hand-made inputs; :mod:`adamhd_study.compare` runs the training arms and calls these.
+unit-tested on hand-made inputs; :mod:`adamhd_study.collect` and :mod:`adamhd_study.summary` call these.
 
     >>> import torch
     >>> w = {"h.0.mlp.c_fc.weight": torch.tensor([[0.5, -0.1], [0.02, 3.0]])}
@@ -44,8 +45,6 @@ __all__ = [
     "OutlierSchedule",
     "OutlierInjector",
     "trainable_parameters",
-    "compare_values",
-    "Comparison",
 ]
 
 LAYER_TYPES = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "embedding", "other")
@@ -496,42 +495,3 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
     """Every trainable parameter of ``model`` (tied ones once), in ``named_parameters()`` order: the index a
     parameter gets in :meth:`OutlierSchedule.spike`."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# verdicts
-@dataclass
-class Comparison:
-    """A candidate's value against a reference's, judged with a stated threshold."""
-
-    reference: float
-    candidate: float
-    difference: float
-    """``candidate - reference``."""
-    threshold: float
-    """Smallest difference counted as real."""
-    noise: Optional[float]
-    """Standard error of the paired difference across seeds; None with one seed."""
-    outcome: str
-    """``"better"``, ``"worse"`` or ``"same"`` for the candidate (lower is better)."""
-
-
-def compare_values(reference: Sequence[float], candidate: Sequence[float], *, min_effect: float,
-                   noise_factor: float = 2.0) -> Comparison:
-    """Judge paired per-seed values where LOWER is better (losses).
-
-    The difference is the mean of ``candidate[i] - reference[i]``. It counts as real when its magnitude exceeds
-    ``threshold = max(min_effect, noise_factor · SE)``, SE being the standard error of the paired differences
-    (seeds ≥ 2; with one seed there is no noise estimate and only ``min_effect`` applies).
-    """
-    if len(reference) != len(candidate) or not reference:
-        raise ValueError(f"reference and candidate need the same, non-zero number of seeds, got {len(reference)} "
-                         f"and {len(candidate)}")
-    if not (isinstance(min_effect, (int, float)) and min_effect >= 0):
-        raise ValueError(f"min_effect must be a number >= 0, got {min_effect!r}")
-    diffs = np.asarray(candidate, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    mean = float(diffs.mean())
-    noise = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) >= 2 else None
-    threshold = max(float(min_effect), noise_factor * noise) if noise is not None else float(min_effect)
-    outcome = "same" if abs(mean) <= threshold else ("better" if mean < 0 else "worse")
-    return Comparison(float(np.mean(reference)), float(np.mean(candidate)), mean, threshold, noise, outcome)

@@ -1,3 +1,15 @@
-"""The GPT-3 pre-training app built on adamhd_dist: settings, data, models, the recipe, the engine, the training
-loop, checkpoints, metrics and run manifests. ``launch/pretrain_gpt3.py`` (or the ``adamhd-pretrain`` command)
-is its command line."""
+"""The GPT-3 pre-training app built on adamhd_dist. ``launch/pretrain_gpt3.py`` (or the ``adamhd-pretrain``
+command) is its command line.
+
+- :mod:`~adamhd_train.cli`: the options, and ``main`` (parse, resolve, train; exit status 2 for bad options);
+- :mod:`~adamhd_train.settings`: :class:`TrainSettings` (typed, validated) and the count parser;
+- :mod:`~adamhd_train.resolve`: options -> settings, one function per concern, and the resume check;
+- :mod:`~adamhd_train.ranks`: how the ranks were started, and the process group;
+- :mod:`~adamhd_train.train`: the :class:`Trainer` (train_step, evaluate, log, save) and ``train``;
+- :mod:`~adamhd_train.engine`: the one place that builds DeepSpeed or FSDP2 behind one interface;
+- :mod:`~adamhd_train.data`, :mod:`~adamhd_train.models`, :mod:`~adamhd_train.recipe`: corpus and token cache,
+  model sizes, GPT-3's batch plan and schedule;
+- :mod:`~adamhd_train.checkpoints`, :mod:`~adamhd_train.metrics`, :mod:`~adamhd_train.manifest`,
+  :mod:`~adamhd_train.describe`: the run directory's contents and what a run prints;
+- :mod:`~adamhd_train.demo`, :mod:`~adamhd_train.ports`: a one-process demo, a free loopback port.
+"""

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from adamhd_dist.fsutil import atomic_write, fsync_tree
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
-           "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state"]
+           "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state",
+           "save_rng_state", "load_rng_state"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -124,3 +129,29 @@ def read_trainer_state(folder: Path | str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{str(path)!r} is not a trainer state of this launcher: it lacks {missing}")
     return state
+
+
+def _rng_file(folder: Path | str, rank: int) -> Path:
+    return Path(folder) / f"rng_rank{rank}.pt"
+
+
+def save_rng_state(folder: Path | str, rank: int) -> None:
+    """Write this process's random states (torch, CUDA, numpy, Python) into ``folder/rng_rank<rank>.pt``."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, _rng_file(folder, rank))
+
+
+def load_rng_state(folder: Path | str, rank: int) -> bool:
+    """Restore the random states :func:`save_rng_state` wrote for ``rank``; False when the folder has none."""
+    path = _rng_file(folder, rank)
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True

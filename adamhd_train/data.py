@@ -60,6 +60,9 @@ from tqdm import tqdm
 
 from adamhd_dist.fsutil import fsync_dir, fsync_tree
 
+# datasets, tokenizers and transformers are imported inside the functions that build a token cache or load a
+# tokenizer: every rank of a run whose cache is built reads it with numpy alone, without their seconds of import.
+
 __all__ = [
     "EMBEDDED",
     "LOCAL_BPE",
@@ -70,6 +73,7 @@ __all__ = [
     "default_cache_dir",
     "TokenSampler",
     "ValBatches",
+    "looks_like_path",
 ]
 
 EMBEDDED = "embedded"
@@ -288,7 +292,8 @@ def _load_hub_dataset(src: _Source):
     return ds
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether a ``--data`` value names a local file or folder (rather than a hub dataset)."""
     return (source.startswith(("/", ".", "~"))
             or (os.sep in source and os.path.splitext(source)[1] != "")
             or source.lower().endswith(LOCAL_SUFFIXES + (".json", ".csv", ".parquet")))
@@ -318,7 +323,7 @@ def _resolve_source(source, *, text_field, max_chars, hub_config, hub_split, hub
                   f.stat().st_mtime_ns) for f in files]
         return _Source("local", str(path), _sha256("local", str(path), stats, text_field, max_chars),
                        files=[str(f) for f in files], text_field=text_field, max_chars=max_chars)
-    if not force_hub and _looks_like_path(text):
+    if not force_hub and looks_like_path(text):
         raise FileNotFoundError(f"source {text!r}: no such file or folder ({str(path.absolute())!r})")
     name = text[3:] if force_hub else text
     if not name:

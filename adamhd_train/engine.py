@@ -32,9 +32,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
-__all__ = ["deepspeed_config_for", "build_engine", "lm_loss", "DeepSpeedEngine", "FSDPEngine", "RECIPE_KEYS"]
+from adamhd_dist import AdamHD, layer_deltas, param_groups
+from adamhd_dist.fsdp import apply_fsdp
+# DeepSpeed's integration, which imports deepspeed itself only when an engine is built
+from adamhd_dist.integrations import deepspeed as ads
+
+__all__ = ["deepspeed_config_for", "build_engine", "lm_loss", "window_loss", "DeepSpeedEngine", "FSDPEngine",
+           "RECIPE_KEYS"]
 
 RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 """DeepSpeed config keys the launcher sets from the recipe (the config's values are replaced)."""
@@ -46,6 +56,12 @@ _CPU_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefe
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 (logits of any precision)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def window_loss(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """The language-model loss of token windows of ``seq_len + 1`` tokens: inputs ``window[:, :-1]``, targets
+    ``window[:, 1:]``."""
+    return lm_loss(model(input_ids=window[:, :-1]).logits, window[:, 1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,26 +137,32 @@ def deepspeed_config_for(
         if params.get("weight_decay") is not None and params["weight_decay"] != weight_decay:
             notes.append(f"weight decay {weight_decay:g} replaces the config's {params['weight_decay']:g}")
         params["weight_decay"] = weight_decay
-    if not on_gpu:
-        zero = cfg.get("zero_optimization")
-        if isinstance(zero, dict):
-            for sec in ("offload_optimizer", "offload_param"):
-                off = zero.get(sec)
-                if isinstance(off, dict) and off.get("pin_memory"):
-                    off["pin_memory"] = False
-                    notes.append(f"CPU: zero_optimization.{sec}.pin_memory dropped (pinned memory needs a GPU)")
-            if num_params:
-                cap = max(int(num_params), 1_000_000)
-                capped = []
-                for key in _CPU_BUCKET_KEYS:
-                    value = zero.get(key)
-                    if isinstance(value, (int, float)) and value > cap:
-                        zero[key] = cap
-                        capped.append(f"{key} {int(value):,} -> {cap:,}")
-                if capped:
-                    notes.append("CPU: buckets capped at the model size (each is allocated on every rank): "
-                                 + ", ".join(capped))
+    if not on_gpu and isinstance(cfg.get("zero_optimization"), dict):
+        notes.extend(_adapt_zero_for_cpu(cfg["zero_optimization"], num_params))
     return cfg, notes
+
+
+def _adapt_zero_for_cpu(zero: dict, num_params: Optional[int]) -> list[str]:
+    """On a CPU-only machine: no pinned memory in offload sections, buckets capped at the model size (a ZeRO bucket
+    is allocated in full on every rank). Changes ``zero`` in place; returns the notes."""
+    notes = []
+    for sec in ("offload_optimizer", "offload_param"):
+        off = zero.get(sec)
+        if isinstance(off, dict) and off.get("pin_memory"):
+            off["pin_memory"] = False
+            notes.append(f"CPU: zero_optimization.{sec}.pin_memory dropped (pinned memory needs a GPU)")
+    if num_params:
+        cap = max(int(num_params), 1_000_000)
+        capped = []
+        for key in _CPU_BUCKET_KEYS:
+            value = zero.get(key)
+            if isinstance(value, (int, float)) and value > cap:
+                zero[key] = cap
+                capped.append(f"{key} {int(value):,} -> {cap:,}")
+        if capped:
+            notes.append("CPU: buckets capped at the model size (each is allocated on every rank): "
+                         + ", ".join(capped))
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,22 +176,26 @@ class _EngineBase:
         self.device = device
         self.accum_steps = 1
 
-    def _to_device(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        window = window.to(self.device, non_blocking=True)
-        return window[:, :-1], window[:, 1:]
+    def _loss(self, window: torch.Tensor) -> torch.Tensor:
+        return window_loss(self.model, window.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def eval_loss(self, window: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of one validation window (no gradients)."""
+        return self._loss(window)
+
+    def train(self, mode: bool = True) -> None:
+        """Training mode (dropout on) or evaluation mode."""
+        self.model.train(mode)
 
     def deltas(self) -> dict:
         """{layer name: δ} of the AdamHD optimizer; {} for another optimizer."""
-        from adamhd_dist import layer_deltas
-
         target = self._delta_source()
         if target is None:
             return {}
         return layer_deltas(target)
 
     def _delta_source(self):
-        from adamhd_dist import AdamHD
-
         return self.optimizer if isinstance(self.optimizer, AdamHD) else None
 
 
@@ -179,9 +205,6 @@ class DeepSpeedEngine(_EngineBase):
     kind = "deepspeed"
 
     def __init__(self, model, ds_config: dict, *, lr_scheduler: Callable, weight_decay: float, device):
-        from adamhd_dist import deepspeed as ads
-        from adamhd_dist import param_groups
-
         super().__init__(device)
         params = None if ads.is_adamhd_config(ds_config) else param_groups(model, weight_decay)
         self.engine, self.optimizer, _, self.lr_scheduler = ads.initialize(
@@ -203,9 +226,8 @@ class DeepSpeedEngine(_EngineBase):
         self.accum_steps = n
 
     def micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
-        x, y = self._to_device(window)
         self.engine.set_gradient_accumulation_boundary(last)
-        loss = lm_loss(self.engine(input_ids=x).logits, y)
+        loss = self._loss(window)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -219,14 +241,6 @@ class DeepSpeedEngine(_EngineBase):
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
-
-    @torch.no_grad()
-    def eval_loss(self, window: torch.Tensor) -> torch.Tensor:
-        x, y = self._to_device(window)
-        return lm_loss(self.engine(input_ids=x).logits, y)
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
 
     def save(self, root: Path, tag: str) -> None:
         """Every rank: write the engine state into ``root/tag`` (DeepSpeed's own layout)."""
@@ -246,17 +260,11 @@ class FSDPEngine(_EngineBase):
 
     def __init__(self, model, *, optimizer_kwargs: dict, weight_decay: float, grad_clip: float, dtype: str,
                  make_scheduler: Callable, device):
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        from adamhd_dist.fsdp import apply_fsdp
-        from adamhd_dist import param_groups
-        from adamhd_dist import AdamHD
-
+        if dtype == "fp16":
+            raise ValueError("dtype: fp16 needs loss scaling, which the FSDP2 engine does not do (fp16 gradients "
+                             "underflow without it); use bf16 or fp32")
         super().__init__(device)
-        mp = None
-        if dtype in ("bf16", "fp16"):
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
-                                      reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else None
         self.model = apply_fsdp(model, mp_policy=mp)
         self.optimizer = AdamHD(param_groups(self.model, weight_decay), **optimizer_kwargs)
         self.lr_scheduler = make_scheduler(self.optimizer)
@@ -267,9 +275,8 @@ class FSDPEngine(_EngineBase):
         self.accum_steps = n
 
     def micro_step(self, window: torch.Tensor, last: bool) -> torch.Tensor:
-        x, y = self._to_device(window)
         self.model.set_requires_gradient_sync(last)
-        loss = lm_loss(self.model(input_ids=x).logits, y)
+        loss = self._loss(window)
         (loss / self.accum_steps).backward()
         return loss.detach()
 
@@ -287,21 +294,9 @@ class FSDPEngine(_EngineBase):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    @torch.no_grad()
-    def eval_loss(self, window: torch.Tensor) -> torch.Tensor:
-        x, y = self._to_device(window)
-        return lm_loss(self.model(input_ids=x).logits, y)
-
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
-
     def save(self, root: Path, tag: str) -> None:
         """Every rank: model and optimizer state with torch.distributed.checkpoint (resharded on load), and the
         LR scheduler's state from rank 0."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         folder = Path(root) / tag
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
@@ -310,9 +305,6 @@ class FSDPEngine(_EngineBase):
         dist.barrier()
 
     def load(self, root: Path, tag: str) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         folder = Path(root) / tag
         if not (folder / "dcp").is_dir():
             raise FileNotFoundError(f"{str(folder)!r} holds no FSDP2 checkpoint (no dcp/ folder): was it written "
@@ -346,7 +338,8 @@ def build_engine(
         make_scheduler: ``optimizer -> LambdaLR`` (the recipe's schedule).
         weight_decay: λ of the decayed group (matrices, embeddings); biases and norms are not decayed.
         grad_clip: global gradient-norm clip (0 disables; FSDP2 only, DeepSpeed reads its config).
-        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (FSDP2's mixed precision; DeepSpeed reads its config).
+        dtype: ``"fp32"`` or ``"bf16"`` (FSDP2's mixed precision; fp16 is refused: it has no loss scaling);
+            DeepSpeed reads its config (where fp16 is scaled by DeepSpeed).
     """
     if kind == "deepspeed":
         if ds_config is None:

@@ -2,7 +2,7 @@
 
 A manifest is one JSON file (``<run dir>/manifest.json``) with
 
-- ``settings``: the job's fully resolved settings (:class:`adamhd_train.train.TrainSettings` as a dict: model,
+- ``settings``: the job's fully resolved settings (:class:`adamhd_train.settings.TrainSettings` as a dict: model,
   batch, schedule, dtype, seed, data options, ...), from which ``launch/pretrain_gpt3.py --from-manifest`` rebuilds
   the same job;
 - ``deepspeed_config``: the DeepSpeed config exactly as passed to ``deepspeed.initialize`` (after the launcher set
@@ -29,10 +29,15 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from adamhd_dist.fsutil import atomic_write
+
+from .ranks import available_cpus
 
 __all__ = [
     "MANIFEST_FILE",
@@ -85,21 +90,14 @@ def git_info(repo: Path | str = _REPO) -> dict[str, Any]:
 
 def package_versions() -> dict[str, Optional[str]]:
     """Python and the versions of the packages a run depends on (None when not installed)."""
-    from importlib import metadata
-
     out: dict[str, Optional[str]] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    try:
-        import torch
-
-        out["torch_cuda"] = torch.version.cuda
-        out["torch_git"] = getattr(torch.version, "git_version", None)
-    except ImportError:
-        pass
+    out["torch_cuda"] = torch.version.cuda
+    out["torch_git"] = getattr(torch.version, "git_version", None)
     return out
 
 
@@ -122,30 +120,21 @@ def _memory_bytes() -> Optional[int]:
 
 def hardware_info() -> dict[str, Any]:
     """Host name, OS, CPU model, CPUs available to this process, memory, and GPUs (name, memory) if any."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
     info: dict[str, Any] = {
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
-        "cpus_available": cpus,
+        "cpus_available": available_cpus(),
         "cpus_total": os.cpu_count(),
         "memory_bytes": _memory_bytes(),
         "gpus": [],
     }
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                info["gpus"].append({"name": p.name, "memory_bytes": int(p.total_memory),
-                                     "capability": f"{p.major}.{p.minor}"})
-            info["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            info["gpus"].append({"name": p.name, "memory_bytes": int(p.total_memory),
+                                 "capability": f"{p.major}.{p.minor}"})
+        info["cuda"] = torch.version.cuda
     return info
 
 

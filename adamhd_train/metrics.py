@@ -145,6 +145,7 @@ class MetricsLog:
         self._deltas = open(self.deltas_path, "a")
         self.writer = None
         if tensorboard:
+            # TensorBoard only when asked for (--no-tensorboard runs, and ranks other than 0, never import it)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
@@ -193,6 +194,7 @@ def plot_loss_curve(run_dir: Path | str, *, title: Optional[str] = None) -> Opti
 
     Returns the PNG's path, or None when there is nothing to plot yet.
     """
+    # matplotlib only where a plot is drawn (rank 0 at the end of a run); the Agg backend needs no display
     import matplotlib
 
     matplotlib.use("Agg")

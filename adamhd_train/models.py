@@ -202,6 +202,8 @@ def gpt2_config(
     dropout: float = 0.0,
 ):
     """The ``transformers.GPT2Config`` for a size (dense GPT-2 blocks, GELU, no KV cache, SDPA attention)."""
+    # transformers is imported where a model is configured (seconds): checking options (model_spec,
+    # count_parameters) does not pay for it
     from transformers import GPT2Config
 
     spec = model_spec(name)

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
+from adamhd_train.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from adamhd_train.ports import free_port  # noqa: E402
 
 HP = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
+from adamhd_train.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from adamhd_train.ports import free_port  # noqa: E402
 
 
 def _config(name: str, args, world: int, device: str) -> dict:

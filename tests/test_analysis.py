@@ -1,14 +1,17 @@
-"""Unit tests of adamhd_study.analysis: pruning, histograms, steps-to-target, the outlier schedule, verdicts."""
+"""Unit tests of adamhd_study.analysis (pruning, histograms, steps-to-target, the outlier schedule) and of
+adamhd_study.stats (the rule that calls a difference real)."""
 
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
-from adamhd_study.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, compare_values, decayed_tensors,
+from adamhd_study.analysis import (LAYER_TYPES, OutlierInjector, OutlierSchedule, decayed_tensors,
                                   layer_type, magnitude_edges, magnitude_histograms, magnitude_prune, prune_model_,
                                   small_weight_fraction, speedup, steps_to_target)
+from adamhd_study.stats import compare_values, t_critical
 from adamhd_train.models import build_model
 
 
@@ -294,9 +297,47 @@ def test_compare_values_uses_seed_noise():
     c = compare_values(ref, noisy, min_effect=0.01)
     diffs = np.array(noisy) - np.array(ref)
     se = diffs.std(ddof=1) / math.sqrt(3)
-    assert c.noise == pytest.approx(se) and c.threshold == pytest.approx(2 * se)
+    assert c.noise == pytest.approx(se) and c.threshold == pytest.approx(4.302653 * se)
     assert c.outcome == "same"
     steady = [2.97, 3.07, 2.87]                               # the same -0.03 in every seed
     assert compare_values(ref, steady, min_effect=0.01).outcome == "better"
     with pytest.raises(ValueError, match="same, non-zero number of seeds"):
         compare_values([1.0], [1.0, 2.0], min_effect=0.0)
+
+
+def test_t_critical_values_match_the_table():
+    """Two-sided 5% critical values of Student's t (any statistics table), and the normal limit."""
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262, 29: 2.045}
+    for df, t in table.items():
+        assert t_critical(df) == pytest.approx(t, abs=5e-4), df
+    assert t_critical(2, alpha=0.01) == pytest.approx(9.925, abs=5e-4)
+    assert t_critical(10_000) == pytest.approx(1.960, abs=1e-3)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="df must be an integer >= 1"):
+            t_critical(bad)
+
+
+@pytest.mark.parametrize("ref, cand", [
+    ([3.00, 3.10], [2.95, 3.07]),                      # 2 seeds: differences -0.05, -0.03 (mean -0.04, SE 0.01)
+    ([3.00, 3.10, 2.90], [2.95, 3.08, 2.87]),          # 3 seeds: -0.05, -0.02, -0.03 (mean -0.033, SE 0.0088)
+])
+def test_few_seeds_negative_control(ref, cand):
+    """A difference twice its standard error is no evidence at 2-3 seeds: the old rule (|mean| > 2 SE) called
+    these real; a paired t test at 5% does not (p = 0.16 and 0.06)."""
+    diffs = np.array(cand) - np.array(ref)
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs))
+    assert abs(diffs.mean()) > max(0.01, 2 * se)           # what the old rule saw
+    c = compare_values(ref, cand, min_effect=0.01)
+    assert c.outcome == "same"
+    assert c.t_critical == pytest.approx(t_critical(len(diffs) - 1))
+    assert c.threshold == pytest.approx(c.t_critical * se) and abs(c.difference) < c.threshold
+    assert c.p_value == pytest.approx(scipy.stats.ttest_rel(cand, ref).pvalue) and c.p_value > 0.05
+
+
+def test_few_seeds_consistent_difference_is_real():
+    """A difference far beyond its noise is real under both rules, in either direction."""
+    ref, cand = [3.00, 3.10, 2.90], [2.95, 3.052, 2.848]  # -0.05, -0.048, -0.052: SE 0.0012
+    c = compare_values(ref, cand, min_effect=0.01)
+    assert c.outcome == "better" and c.difference == pytest.approx(-0.05) and c.p_value < 0.001
+    assert c.threshold == pytest.approx(0.01)               # t x SE = 0.005 < the minimum effect
+    assert compare_values(cand, ref, min_effect=0.01).outcome == "worse"

@@ -1,7 +1,6 @@
 """The comparison harness: configuration, run planning, the verdict from numbers, and one small end-to-end run of
 launch/compare.py (nano model, a few steps, tmp folders) that must produce the report, the plots and results.json."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from adamhd_study.compare import ARMS, plan_runs, preset, summarize
+from adamhd_study.collect import load_final_weights
+from adamhd_study.config import ARMS, preset
+from adamhd_study.plan import check_run_dirs, plan_runs, run_spec
+from adamhd_study.summary import summarize
+from adamhd_train.cli import build_parser, given_options
+from adamhd_train.ranks import LaunchContext
+from adamhd_train.resolve import resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("pretrain_gpt3_under_test", ROOT / "launch" / "pretrain_gpt3.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -80,15 +78,11 @@ def test_plan_runs_same_budget_and_same_outliers(tmp_path):
 
 def test_launcher_accepts_every_run(tmp_path):
     """Each run's options parse and resolve in the launcher itself: same model, schedule inputs, no ramp."""
-    from adamhd_train.train import LaunchContext, resolve_settings
-
-    launcher = _launcher()
     cfg = preset("tiny", out_dir=str(tmp_path))
     ctx = LaunchContext(0, 1, 0, 1, "single process", False)
     resolved = {}
     for run in plan_runs(cfg):
-        args = launcher.build_parser().parse_args(run.launcher_args(cfg))
-        given = {k: v for k, v in vars(args).items() if k not in ("from_manifest", "master_port", "local_rank")}
+        given = given_options(build_parser().parse_args(run.launcher_args(cfg)))
         r = resolve_settings(given, ctx)
         resolved[run.name] = r
         s = r.settings
@@ -156,6 +150,45 @@ def test_verdict_says_so_when_the_candidate_does_not_win(tmp_path):
     assert "does not beat adamw on any measured quantity" in text
     row = s["speedup"]["baseline"]["adamhd"][0]
     assert row["target"] == pytest.approx(3.004) and 0.95 < row["speedup_steps"] <= 1.0
+
+
+def _fake_seeds(ref_finals, cand_finals):
+    return [_fake_run("baseline", opt, seed, final)
+            for opt, finals in (("adamw", ref_finals), ("adamhd", cand_finals)) for seed, final in enumerate(finals)]
+
+
+def _meta():
+    machine = {"cpu": "test CPU", "cpus": 2, "gpus": "none", "memory_gb": 1.0, "python": "3", "torch": "2",
+               "deepspeed": "0"}
+    return {"command": "python launch/compare.py", "started": 0.0, "machine": machine, "load_start": 0.0,
+            "load_end": 0.0, "total_s": 60.0, "runs_wall_s": None, "runs_cpu_s": None, "threads": 1,
+            "data": {"train_tokens": 1000, "val_tokens": 100}, "val_batches": 3}
+
+
+def test_verdict_and_report_use_the_paired_t_test_at_three_seeds(tmp_path):
+    """Three seeds whose mean difference is over twice its standard error (the old rule's 'real'), yet not
+    significant in a paired t test: the verdict calls it no measurable difference and names the test, and the
+    report states the rule with its critical value."""
+    from adamhd_study.report import render_report
+
+    cfg = preset("tiny", out_dir=str(tmp_path), arms=("baseline",), seeds=3)
+    results = _fake_seeds([3.00, 3.10, 2.90], [2.95, 3.08, 2.87])
+    s = summarize(cfg, results)
+    j = s["judgements"]["adamhd"]["final:baseline"]
+    assert j["outcome"] == "same" and j["seeds"] == [0, 1, 2] and j["t_critical"] == pytest.approx(4.303, abs=1e-3)
+    text = " ".join(s["verdict"]["adamhd"])
+    assert "adamhd's is not measurably different" in text
+    assert "t critical value 4.30 × seed standard error" in text and "paired t test over 3 seeds" in text
+    no_plots = dict.fromkeys(("tokens", "time", "pruning", "hist", "deltas", "outliers"))
+    report = render_report(cfg, results, s, _meta(), no_plots)
+    assert "Seeds: 3 " in report and "two-sided paired t test on the per-seed differences at level α = 0.05" \
+        in report and "critical value 4.30 at 2 degrees of freedom" in report
+    rule = report.split("## Thresholds used by the verdict")[1]
+    assert "two-sided paired t test" in rule and "12.71 at 2 seeds, 4.30 at 3 seeds" in rule
+    assert "$" not in report  # every template placeholder was filled
+    steady = summarize(cfg, _fake_seeds([3.00, 3.10, 2.90], [2.95, 3.052, 2.848]))
+    assert steady["judgements"]["adamhd"]["final:baseline"]["outcome"] == "better"
+    assert "adamhd's is lower (better)" in " ".join(steady["verdict"]["adamhd"])
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -275,28 +308,22 @@ def test_end_to_end_rerun_reuses_finished_runs(e2e):
 
 def test_gpt3_small_preset_resolves_on_a_gpu_machine(tmp_path):
     """The GPU preset's runs are valid launcher jobs (checked without a GPU: nothing is built or downloaded)."""
-    from adamhd_train.train import LaunchContext, resolve_settings
-
-    launcher = _launcher()
     cfg = preset("gpt3-small", out_dir=str(tmp_path), nproc=1)
     ctx = LaunchContext(0, 1, 0, 1, "single process", True)
     for run in plan_runs(cfg):
-        args = launcher.build_parser().parse_args(run.launcher_args(cfg))
-        given = {k: v for k, v in vars(args).items() if k not in ("from_manifest", "master_port", "local_rank")}
+        given = given_options(build_parser().parse_args(run.launcher_args(cfg)))
         s = resolve_settings(given, ctx).settings
         assert s.model == "gpt3-small" and s.seq_len == 2048 and s.dtype == "bf16" and s.lr == 6e-4
         assert s.global_batch_tokens * s.max_steps == 524_288 * 2000
 
 
 def test_run_dir_with_other_settings_is_refused(tmp_path):
-    from adamhd_study.compare import _spec, check_run_dirs
-
     cfg = preset("tiny", out_dir=str(tmp_path))
     runs = plan_runs(cfg)
     check_run_dirs(runs, cfg)                                  # nothing there yet
     for run in runs:
         run.run_dir.mkdir(parents=True)
-        (run.run_dir / "compare_spec.json").write_text(json.dumps(_spec(run, cfg)))
+        (run.run_dir / "compare_spec.json").write_text(json.dumps(run_spec(run, cfg)))
     check_run_dirs(runs, cfg)                                  # the same settings: reusable
     other = preset("tiny", out_dir=str(tmp_path), outlier_rate=0.05, lr=1e-3)
     with pytest.raises(ValueError, match=r"holds the run baseline-adamhd-s0 with other settings \(now: --lr "
@@ -315,7 +342,6 @@ def test_load_final_weights_from_an_fsdp_style_checkpoint(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from adamhd_train.checkpoints import TRAINER_STATE
-    from adamhd_study.compare import load_final_weights
 
     folder = tmp_path / "checkpoints" / "step3"
     folder.mkdir(parents=True)

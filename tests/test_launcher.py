@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import launch_runs as lr
 from dist_utils import ROOT, free_port
 
-sys.path.insert(0, str(ROOT / "launch"))
-import pretrain_gpt3  # noqa: E402
-
-from adamhd_train import checkpoints as ck  # noqa: E402
-from adamhd_train.train import LaunchContext, SettingsError, resolve_settings  # noqa: E402
+from adamhd_train import checkpoints as ck
+from adamhd_train import cli
+from adamhd_train.ranks import LaunchContext
+from adamhd_train.resolve import resolve_settings
+from adamhd_train.settings import SettingsError, parse_count
 
 STEPS = 6
 DATA = ["--max-chars", "200000", "--vocab-size", "512", "--val-fraction", "0.05"]
@@ -103,7 +104,7 @@ def test_rerun_of_a_finished_run_does_nothing(ds_run, data_cache, capsys, monkey
     monkeypatch.chdir(ROOT)
     before = (out / "metrics.jsonl").read_text()
     # one process instead of two: the derived schedule does not depend on the world size, so it is the same job
-    rc = pretrain_gpt3.main([str(a) for a in ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out]])
+    rc = cli.main([str(a) for a in ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out]])
     assert rc == 0 and "is complete" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
 
@@ -217,7 +218,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, data_cache):
 # --------------------------------------------------------------------------------------------------------------
 # bad input: a clear message and exit status 2 before any work (nothing written, no process group)
 def _main(argv, capsys):
-    rc = pretrain_gpt3.main([str(a) for a in argv])
+    rc = cli.main([str(a) for a in argv])
     return rc, capsys.readouterr().err
 
 
@@ -341,6 +342,29 @@ def test_cpu_adaptations_of_gpu_configs():
     assert kept.settings.dtype == "bf16" and kept.ds_config["bf16"]["enabled"] is True
 
 
+def test_fsdp_fp16_is_refused_on_a_gpu(tmp_path, capsys, monkeypatch):
+    """FSDP2 has no loss scaling, so --fsdp --dtype fp16 is refused on a GPU machine too (CUDA faked here: the
+    refusal comes before anything touches the GPU), naming the option and bf16; so is such a job from a manifest,
+    and the engine itself refuses it."""
+    from adamhd_train.engine import build_engine
+
+    ctx = LaunchContext(rank=0, world_size=8, local_rank=0, local_world_size=8, launcher="torchrun", on_gpu=True)
+    with pytest.raises(SettingsError, match=r"--dtype fp16 with --fsdp: .* no loss scaling.* use --dtype bf16"):
+        resolve_settings({"fsdp": True, "dtype": "fp16"}, ctx)
+    bf16 = resolve_settings({"fsdp": True}, ctx).settings
+    assert bf16.dtype == "bf16"
+    with pytest.raises(SettingsError, match="--dtype fp16 with --fsdp"):
+        resolve_settings({}, ctx, base=bf16.to_dict() | {"dtype": "fp16"})
+    with pytest.raises(ValueError, match="fp16 needs loss scaling"):
+        build_engine("fsdp", torch.nn.Linear(4, 4), device=torch.device("cpu"), make_scheduler=lambda opt: None,
+                     weight_decay=0.1, grad_clip=1.0, dtype="fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(ROOT)
+    rc, err = _main(["--fsdp", "--dtype", "fp16", "--out-dir", tmp_path / "run"], capsys)
+    assert rc == 2 and "pretrain_gpt3.py: error: --dtype fp16 with --fsdp" in err and "--dtype bf16" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_with_a_scheduler_is_refused(tmp_path):
     cfg = json.loads((ROOT / "ds_configs" / "zero2_adamhd.json").read_text())
     cfg["scheduler"] = {"type": "WarmupLR", "params": {}}
@@ -356,14 +380,14 @@ def test_world_size_must_divide_the_batch():
 
 
 def test_token_counts_accept_suffixes():
-    assert [pretrain_gpt3.count(x) for x in ("4096", "375M", "4B", "32k", "2.6e11", "1_000")] == [
+    assert [parse_count(x) for x in ("4096", "375M", "4B", "32k", "2.6e11", "1_000")] == [
         4096, 375_000_000, 4_000_000_000, 32_000, 260_000_000_000, 1000]
-    assert pretrain_gpt3.count("123456789012345678901") == 123456789012345678901  # exact, not through a float
+    assert parse_count("123456789012345678901") == 123456789012345678901  # exact, not through a float
     with pytest.raises(Exception, match="not a count"):
-        pretrain_gpt3.count("lots")
+        parse_count("lots")
     for bad in ("inf", "1e400", "nan", "2.5"):
         with pytest.raises(Exception, match="not a whole number"):
-            pretrain_gpt3.count(bad)
+            parse_count(bad)
 
 
 def test_checkpoint_folder_ignores_partial_saves(tmp_path):
@@ -406,7 +430,7 @@ def test_damaged_run_files_give_messages(tmp_path):
 def test_bad_values_stop_before_any_work(tmp_path, capsys):
     base = ["--deepspeed", str(ROOT / "ds_configs/zero2_adamhd.json"), "--out-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit):
-        pretrain_gpt3.main(base + ["--master-port", "99999"])
+        cli.main(base + ["--master-port", "99999"])
     assert "--master-port: '99999' is not a TCP port (1-65535)" in capsys.readouterr().err
     cfg = tmp_path / "ds.json"
     for text, match in (('{"optimizer": "AdamHD"}', '"optimizer" must be an object'),
@@ -415,7 +439,7 @@ def test_bad_values_stop_before_any_work(tmp_path, capsys):
                         ('{"optimizer": {"type": "AdamHD", "params": {"weight_decay": "x"}}}',
                          '"optimizer.params.weight_decay" of the DeepSpeed config must be a number')):
         cfg.write_text(text)
-        assert pretrain_gpt3.main(["--deepspeed", str(cfg), "--out-dir", str(tmp_path / "run")]) == 2
+        assert cli.main(["--deepspeed", str(cfg), "--out-dir", str(tmp_path / "run")]) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     # a data file the corpus reader refuses: the reader's message, under the flag, not a traceback
