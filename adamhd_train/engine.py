@@ -41,7 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from adamhd_dist import AdamHD, layer_deltas, param_groups
 from adamhd_dist.fsdp import apply_fsdp
 # DeepSpeed's integration, which imports deepspeed itself only when an engine is built
-from adamhd_dist.integrations import deepspeed as ads
+from adamhd_dist import deepspeed as ads
 
 __all__ = ["deepspeed_config_for", "build_engine", "lm_loss", "window_loss", "DeepSpeedEngine", "FSDPEngine",
            "RECIPE_KEYS"]

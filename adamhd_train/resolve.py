@@ -31,7 +31,7 @@ import torch
 from adamhd_dist import AdamHD
 # the integration module itself: its public name adamhd_dist.deepspeed does not export is_adamhd_config and
 # check_config; importing it does not import deepspeed
-from adamhd_dist.integrations import deepspeed as ads
+from adamhd_dist import deepspeed as ads
 
 from .checkpoints import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from .data import EMBEDDED, LOCAL_BPE, looks_like_path
