@@ -195,21 +195,24 @@ def gather_params(engine_or_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def trainer_ds_config(stage: int, offload: bool = False) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+def zero_section(stage: int, offload: bool = False) -> dict:
+    """The ZeRO settings of every DeepSpeed case (buckets small enough that layers straddle them)."""
+    z = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     if stage == 3:
-        cfg["zero_optimization"].update({"sub_group_size": 20000, "stage3_param_persistence_threshold": 0,
-                                         "stage3_prefetch_bucket_size": 1000, "stage3_max_live_parameters": 100000})
+        z.update({"sub_group_size": 20000, "stage3_param_persistence_threshold": 0,
+                  "stage3_prefetch_bucket_size": 1000, "stage3_max_live_parameters": 100000})
     if offload:
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        z["offload_optimizer"] = {"device": "cpu"}
+    return z
+
+
+def trainer_ds_config(stage: int, offload: bool = False) -> dict:
+    """The Trainer fills the batch sizes and clipping from TrainingArguments ("auto")."""
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+           "zero_optimization": zero_section(stage, offload), "steps_per_print": 10**9,
+           "wall_clock_breakdown": False}
+    if offload:
         cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
@@ -301,18 +304,12 @@ def _force_accelerate_multi_device():
     return state
 
 
-def plain_ds_config(world: int, stage: int, offload: bool = False, allow_untested: bool = True) -> dict:
+def plain_ds_config(world: int, stage: int, offload: bool = False) -> dict:
     cfg = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
            "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "steps_per_print": 10**9,
-           "wall_clock_breakdown": False,
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}}
-    if allow_untested:
-        cfg["zero_allow_untested_optimizer"] = True
-    if stage == 3:
-        cfg["zero_optimization"].update({"sub_group_size": 20000, "stage3_param_persistence_threshold": 0,
-                                         "stage3_prefetch_bucket_size": 1000, "stage3_max_live_parameters": 100000})
+           "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
+           "zero_optimization": zero_section(stage, offload)}
     if offload:
-        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 

@@ -25,16 +25,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..optim.layer_stats import FSDP1_MESSAGE
+
 __all__ = ["apply_fsdp", "transformer_blocks", "fsdp1_unsupported_error", "FSDP1_MESSAGE"]
-
-FSDP1_MESSAGE = (
-    "AdamHD does not support FSDP1 (FullyShardedDataParallel): it hands the optimizer 1-D slices of a flat "
-    "buffer, and a parameter with no elements on a rank has no gradient and no optimizer state there, so the "
-    "ranks disagree on the list of layers whose statistic must be reduced together, and the per-layer state "
-    "(μ) is missing on some ranks. Shard the model with FSDP2 instead: "
-    "torch.distributed.fsdp.fully_shard, or adamhd_dist.fsdp.apply_fsdp(model) for a transformers model; "
-    "AdamHD then computes the exact per-layer δ over the DTensor shards.")
-
 
 def fsdp1_unsupported_error() -> ValueError:
     """The error AdamHD raises for parameters managed by FSDP1 (see :data:`FSDP1_MESSAGE` for why)."""
