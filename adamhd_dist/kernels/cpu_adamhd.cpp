@@ -16,7 +16,8 @@
 //   if g is finite: store x, m2, v2; else leave p, m, v bit-for-bit unchanged and count the element.
 // The per-tensor constants (step_size * bc2, eps * bc2, (1 + tau) * delta, tau / (1 + tau)) are computed in double and
 // rounded once to fp32. Written this way the step costs one division and one square root per element, as
-// DeepSpeedCPUAdam's does; each result is within a few fp32 ulps of the formulas above evaluated exactly.
+// DeepSpeedCPUAdam's does; results differ from the formulas evaluated exactly only by fp32 roundings (a few ulps of
+// the terms involved).
 //
 // Layer statistic Σ|x| (the AdamHD delta needs each layer's mean |θ|): `abs_sums` computes it for a list of tensors, and
 // `adamhd_step` can emit it for the values it just stored (abs_sums_out), in the same pass. Both use ONE summation
