@@ -28,12 +28,13 @@ for bit equal, in the same pass over the data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from typing import Any
 
 import torch
@@ -78,19 +79,25 @@ def _machine(machine: str | None = None) -> str:
     return (machine if machine is not None else platform.machine()).lower()
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo (x86: ``flags``, ARM: ``Features``); None where unreadable."""
+@functools.lru_cache(maxsize=1)
+def _read_cpu_flags() -> frozenset[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return None
 
 
-def missing_cpu_features(isa: str, flags: set[str] | None = None, machine: str | None = None) -> list[str]:
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86: ``flags``, ARM: ``Features``), read once; None where
+    unreadable."""
+    return _read_cpu_flags()
+
+
+def missing_cpu_features(isa: str, flags: Set[str] | None = None, machine: str | None = None) -> list[str]:
     """The features ``isa`` needs that this CPU (or the given ``flags``) lacks: empty when it can run the build.
     ``generic`` and ``native`` need nothing beyond the machine itself; unknown flags (no /proc/cpuinfo) count as
     present, and the compiler or the first run is left to tell."""
@@ -104,7 +111,7 @@ def missing_cpu_features(isa: str, flags: set[str] | None = None, machine: str |
     return [f for f in _X86_FEATURES[isa] if f not in flags]
 
 
-def default_isa(machine: str | None = None, flags: set[str] | None = None) -> str:
+def default_isa(machine: str | None = None, flags: Set[str] | None = None) -> str:
     """The ISA used when ``ADAMHD_CPU_ISA`` is unset: on x86 the widest of avx512 / avx2 this CPU runs (``native``
     where the CPU flags cannot be read), else ``generic``; ``generic`` on other machines."""
     if _machine(machine) not in _X86:
@@ -124,10 +131,15 @@ def _check_isa(isa: str) -> str:
     return isa
 
 
+@functools.lru_cache(maxsize=1)
+def _default_isa_here() -> str:
+    return default_isa()
+
+
 def selected_isa() -> str:
     """The ISA chosen by ``ADAMHD_CPU_ISA`` (validated), or :func:`default_isa` when it is unset or empty."""
     value = os.environ.get(ISA_ENV, "").strip().lower()
-    return _check_isa(value) if value else default_isa()
+    return _check_isa(value) if value else _default_isa_here()
 
 
 def isa_flags(isa: str, machine: str | None = None) -> list[str]:
@@ -146,7 +158,7 @@ def isa_flags(isa: str, machine: str | None = None) -> list[str]:
     raise ValueError(f"{ISA_ENV}={isa}: an x86 instruction set, and this machine is {m}; use generic or native")
 
 
-def runnable_isas(machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+def runnable_isas(machine: str | None = None, flags: Set[str] | None = None) -> list[str]:
     """The ISAs this machine can build for and execute, ``generic`` first."""
     m = _machine(machine)
     out = ["generic"]
