@@ -387,8 +387,8 @@ def main(argv=None):
     print("| device | ISA | layout | optimizer | params | ms/step | GB/s | ratio vs baseline |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['device']} | {r['cpu_isa'] or '-'} | {r['layout']} | {r['optimizer']} | {r['params'] / 1e6:.1f} M | "
-              f"{r['ms']:.2f} | {r['gb_s']:.1f} | {r['ratio_vs_baseline']:.3f}x |")
+        print(f"| {r['device']} | {r['cpu_isa'] or '-'} | {r['layout']} | {r['optimizer']} | "
+              f"{r['params'] / 1e6:.1f} M | {r['ms']:.2f} | {r['gb_s']:.1f} | {r['ratio_vs_baseline']:.3f}x |")
     print("baseline: DeepSpeedCPUAdam built for the row's ISA on the CPU, torch AdamW(fused=True) on the GPU; "
           "ratio: median over rounds of time / baseline time")
     print(f"wrote {args.out}")

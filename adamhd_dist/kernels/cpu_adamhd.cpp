@@ -12,15 +12,16 @@
 //   x     = p
 //   clip:   x = fma(-tau, clamp(x, -delta, delta), x)
 //   x     = fma(-(step_size * bc2), m2 / (sqrt(v2) + eps * bc2), x)      (= x - step_size * m2 / (sqrt(v2)/bc2 + eps))
-//   prox:   x = fma(-tau / (1 + tau), clamp(x, -(1 + tau) delta, (1 + tau) delta), x)   (= x - tau clamp(x/(1+tau), +-delta))
+//   prox:   x = fma(-tau / (1 + tau), clamp(x, -(1 + tau) delta, (1 + tau) delta), x)
+//                                                         (= x - tau * clamp(x / (1 + tau), -delta, delta))
 //   if g is finite: store x, m2, v2; else leave p, m, v bit-for-bit unchanged and count the element.
 // The per-tensor constants (step_size * bc2, eps * bc2, (1 + tau) * delta, tau / (1 + tau)) are computed in double and
 // rounded once to fp32. Written this way the step costs one division and one square root per element, as
 // DeepSpeedCPUAdam's does; results differ from the formulas evaluated exactly only by fp32 roundings (a few ulps of
 // the terms involved).
 //
-// Layer statistic Σ|x| (the AdamHD delta needs each layer's mean |θ|): `abs_sums` computes it for a list of tensors, and
-// `adamhd_step` can emit it for the values it just stored (abs_sums_out), in the same pass. Both use ONE summation
+// Layer statistic Σ|x| (the AdamHD delta needs each layer's mean |θ|): `abs_sums` computes it for a list of tensors,
+// and `adamhd_step` can emit it for the values it just stored (abs_sums_out), in the same pass. Both use ONE summation
 // order, which depends only on the tensor's numel and values (never on its address, the thread count or split, or the
 // ISA of the build); it is spelled out above BlockSum below. Work is split between threads at block boundaries (a
 // block is always done whole by one thread), partials are stored per block and combined after the parallel region,
@@ -132,8 +133,8 @@ struct TensorScalars {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// The layer statistic Σ|x| of one block, in a fixed order. A block (kSumBlock elements, counted from the tensor's first
-// element) is cut into sub-blocks of kSumSub; element i of a sub-block goes to lane l = i % kSumLanes, and
+// The layer statistic Σ|x| of one block, in a fixed order. A block (kSumBlock elements, counted from the tensor's
+// first element) is cut into sub-blocks of kSumSub; element i of a sub-block goes to lane l = i % kSumLanes, and
 //   s[l] = fma(|x|, 2^-4, s[l])   in fp32 from s[l] = 0, over the sub-block's 8 elements of lane l, in element order;
 //   L[l] = L[l] + 16 * s[l]       in double from L[l] = 0, once per sub-block, in sub-block order (16 * s is exact);
 //   t[j] = (L[j] + L[8 + j]) + (L[16 + j] + L[24 + j])                                (j < 8)
@@ -371,7 +372,8 @@ inline bool all_finite(const G* __restrict g, int64_t b0, int64_t b1, float gs) 
     uint32_t lanes[kSumLanes] = {};
     for (; i + kSumLanes <= b1; i += kSumLanes) {
 #pragma omp simd
-      for (int l = 0; l < kSumLanes; ++l) lanes[l] = std::max(lanes[l], float_to_bits(Store<G>::load(g[i + l])) & 0x7FFFFFFFu);
+      for (int l = 0; l < kSumLanes; ++l)
+        lanes[l] = std::max(lanes[l], float_to_bits(Store<G>::load(g[i + l])) & 0x7FFFFFFFu);
     }
     for (int l = 0; l < kSumLanes; ++l) top = std::max(top, lanes[l]);
   }
@@ -493,7 +495,9 @@ int64_t step_piece(P* __restrict p, const G* __restrict g, S* __restrict m, S* _
   c.lo = -ts.decay_hi;
   const bool sums = partials != nullptr;
   // ok: the range starting at i has only finite gradients (and lerp_low holds)
-  auto check = [&](int64_t i) { return c.lerp_low && i < n && all_finite<G, SCALE>(g, i, std::min(n, i + kSumSub), c.gs); };
+  auto check = [&](int64_t i) {
+    return c.lerp_low && i < n && all_finite<G, SCALE>(g, i, std::min(n, i + kSumSub), c.gs);
+  };
   bool ok = check(0);
   int64_t bad_total = 0;
   for (int64_t b0 = 0, k = 0; b0 < n; b0 += kSumBlock, ++k) {
