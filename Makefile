@@ -30,8 +30,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# One run, every x86 ISA this CPU executes side by side (avx2, avx512; generic elsewhere), each against
+# DeepSpeedCPUAdam built for the same ISA; writes bench/results/optimizer_step.json.
 bench: install
-	$(BIN)/python bench/optimizer_step.py
+	$(BIN)/python bench/optimizer_step.py --cpu-isa auto
 
 # The GPU check (bench/gpu_check.sh) runs on a CUDA machine that has torch and triton but may not reach an index:
 # this folder carries DeepSpeed (built here as a wheel) and the pure-Python packages it needs beyond those, for the

@@ -1,4 +1,7 @@
-"""Tests of the fused CPU AdamHD kernel (adamhd_dist.optim.kernels.cpu) against an independent float64 reference."""
+"""Tests of the fused CPU AdamHD kernel (adamhd_dist.optim.kernels.cpu) against an independent float64 reference.
+
+Every test here runs once per ISA build of the kernel (ADAMHD_CPU_ISA = generic, avx2, avx512); a build the CPU cannot
+execute is skipped (a platform condition). Each build is compiled once per session (torch's extension cache)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,22 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kcpu.available(), reason="CPU kernel cannot be built here (no compiler?)")
+
+KERNEL_ISAS = ("generic", "avx2", "avx512")
+
+
+def _isa_param(isa):
+    missing = kcpu.missing_cpu_features(isa)
+    reason = f"platform: this CPU cannot execute the {isa} build (it lacks {', '.join(missing)})"
+    return pytest.param(isa, id=isa, marks=pytest.mark.skipif(bool(missing), reason=reason))
+
+
+@pytest.fixture(autouse=True, scope="module", params=[_isa_param(i) for i in KERNEL_ISAS])
+def kernel_isa(request):
+    """Runs the module's tests against one ISA build: the kernel functions load the build ADAMHD_CPU_ISA names."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(kcpu.ISA_ENV, request.param)
+        yield request.param
 
 INF = math.inf
 SIZES = [1, 7, 33, 1000, 4099]
@@ -98,12 +117,15 @@ def make_tensors(sizes, gen, *, pdtype=torch.float32, sdtype=torch.float32, gdty
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def test_available_and_module():
+def test_available_and_module(kernel_isa):
+    assert kcpu.selected_isa() == kernel_isa
     assert kcpu.available() is True
     assert kcpu.available() is True  # cached
     mod = kcpu.load()
     assert hasattr(mod, "adamhd_step")
-    assert kcpu.load() is mod
+    assert kcpu.load() is mod and kcpu.load(kernel_isa) is mod
+    # the fp32 update's code path is the one the ISA promises
+    assert mod.SIMD_PATH == {"generic": "portable", "avx2": "avx2", "avx512": "avx512"}[kernel_isa]
 
 
 @pytest.mark.parametrize("grad_scale", [None, 1024.0])
@@ -117,6 +139,17 @@ def test_fp32_matches_reference_10_steps(decay, weight_decay, grad_scale):
     for t in range(1, 11):
         gs = [(torch.randn(g.numel(), generator=gen) * 1e-2 * gmul) for g in gs]
         step_and_check(ps, gs, ms, vs, t, deltas=deltas, weight_decay=weight_decay, decay=decay, grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("beta1", [0.3, 0.0])
+def test_fp32_matches_reference_with_small_beta1(beta1):
+    """beta1 <= 0.5: the lerp's other form (g - (1-w)(g-m)), which every build computes without the SIMD path."""
+    gen = torch.Generator().manual_seed(77)
+    hp = dict(HP, beta1=beta1)
+    ps, gs, ms, vs = make_tensors(SIZES, gen)
+    for t in range(1, 4):
+        gs = [torch.randn(g.numel(), generator=gen) * 1e-2 for g in gs]
+        step_and_check(ps, gs, ms, vs, t, deltas=DELTAS, weight_decay=0.3, decay="prox", hp=hp)
 
 
 def test_fp32_free_running_10_steps_vs_float64():
@@ -253,6 +286,40 @@ def test_nonfinite_grads_masked_and_counted():
                     assert torch.isfinite(new).all()
 
 
+@pytest.mark.parametrize("grad_scale", [None, 0.5])
+def test_nonfinite_at_every_range_position(grad_scale):
+    """Non-finite gradients (and, with grad_scale < 1, finite ones whose quotient overflows) at the first and last
+    element of a 256-element update range, in the first range of a tensor, in a range after a clean one, in the
+    last whole range and in the short tail: each masked and counted, every other element updated."""
+    n = 4 * 2048 + 300
+    gen = torch.Generator().manual_seed(13)
+    p, g, m, v = (x[0] for x in make_tensors([n], gen))
+    big = 3.0e38  # finite; big / 0.5 overflows
+    where = {0: math.nan, 255: math.inf, 256: -math.inf, 511: math.nan, 2048 + 700: -math.inf, 8191: math.nan,
+             8192: math.inf, n - 1: math.nan}
+    if grad_scale is not None:
+        where.update({1000: big, 4095: -big, 4096: big, 8200: -big})
+    for i, x in where.items():
+        g[i] = x
+    before = [t.clone() for t in (p, m, v)]
+    # the reference, in float64, masks what the kernel must mask (fp32 overflow of big / 0.5 included)
+    g_ref = g.clone()
+    g_ref[torch.tensor(sorted(where))] = math.nan
+    rp, rm, rv, _, scales = ref_step(p, g_ref, m, v, step_size=HP["lr"] / (1 - HP["beta1"]),
+                                     bc2_sqrt=math.sqrt(1 - HP["beta2"]), delta=0.05,
+                                     weight_decay=0.1, decay="prox", grad_scale=grad_scale, **HP)
+    bad = run_kernel([p], [g], [m], [v], 1, deltas=[0.05], weight_decay=0.1, decay="prox", grad_scale=grad_scale)
+    assert bad == len(where)
+    for actual, exp, scale in zip((p, m, v), (rp, rm, rv), scales):
+        check_close(actual, exp, scale, 1e-6)
+    idx = torch.tensor(sorted(where))
+    for new, old in zip((p, m, v), before):
+        assert torch.equal(new[idx].view(torch.int32), old[idx].view(torch.int32))
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[idx] = False
+        assert (new[keep] != old[keep]).double().mean() > 0.999
+
+
 def test_grad_scale_overflow_counts_as_nonfinite():
     p, m, v = torch.ones(3), torch.zeros(3), torch.zeros(3)
     g = torch.tensor([3e38, 1.0, -3e38])
@@ -371,24 +438,32 @@ def spread(n, gen, dtype=torch.float32):
 
 
 def ordered_abs_sum(x):
-    """The documented summation order, in float64 IEEE ops: blocks of SUM_BLOCK from the tensor's start; in a block,
-    lane l = i % 32 accumulates sequentially; lanes combined by the fixed tree; block partials added in order."""
-    B, L = kcpu.SUM_BLOCK, kcpu.SUM_LANES
+    """The documented summation order, emulated with float64 torch ops: blocks of SUM_BLOCK from the tensor's start,
+    sub-blocks of SUM_SUB; lane l = i % 32 of a sub-block sums its 8 values |x| * 2**-4 in float32 (each step
+    fl32(s + y): the kernel's fma adds the exact y and rounds once; here s + y is formed in float64 and rounded to
+    float32, which is the same correctly rounded result because 53 >= 2 * 24 + 2, so the double rounding is innocuous);
+    then 16 * s is added into float64 lanes sub-block by sub-block, the lanes are combined by the fixed tree and the
+    block partials added in order."""
+    B, S, L = kcpu.SUM_BLOCK, kcpu.SUM_SUB, kcpu.SUM_LANES
     a = x.detach().reshape(-1).double().abs()
     n = a.numel()
     if n == 0:
         return 0.0
     nb = -(-n // B)
-    a = torch.cat([a, a.new_zeros(nb * B - n)]).view(nb, B // L, L)  # zero padding: lane + 0.0 == lane
+    a = torch.cat([a, a.new_zeros(nb * B - n)]).view(nb, B // S, S // L, L)  # zero padding changes no sum
+    y = a * 2.0**-4  # exact (no test value is below 2**-122)
+    s = torch.zeros(nb, B // S, L, dtype=torch.float64)
+    for r in range(S // L):
+        s = (s + y[:, :, r, :]).float().double()  # fl32(s + y)
     lanes = torch.zeros(nb, L, dtype=torch.float64)
-    for r in range(B // L):
-        lanes = lanes + a[:, r, :]
+    for k in range(B // S):
+        lanes = lanes + 16.0 * s[:, k, :]
     t = (lanes[:, 0:8] + lanes[:, 8:16]) + (lanes[:, 16:24] + lanes[:, 24:32])
     parts = ((t[:, 0] + t[:, 4]) + (t[:, 2] + t[:, 6])) + ((t[:, 1] + t[:, 5]) + (t[:, 3] + t[:, 7]))
-    s = 0.0
-    for p in parts.tolist():
-        s += p
-    return s
+    total = 0.0
+    for part in parts.tolist():
+        total += part
+    return total
 
 
 def bits(t):
@@ -397,7 +472,7 @@ def bits(t):
 
 def test_sum_constants_match_the_kernel():
     mod = kcpu.load()
-    assert (mod.SUM_BLOCK, mod.SUM_LANES) == (kcpu.SUM_BLOCK, kcpu.SUM_LANES)
+    assert (mod.SUM_BLOCK, mod.SUM_SUB, mod.SUM_LANES) == (kcpu.SUM_BLOCK, kcpu.SUM_SUB, kcpu.SUM_LANES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -408,14 +483,31 @@ def test_layer_abs_sums_matches_float64_reference(dtype):
     out = kcpu.layer_abs_sums_cpu(ts)
     assert out.dtype == torch.float64 and out.shape == (len(ts),) and out.device.type == "cpu"
     for t, s in zip(ts, out.tolist()):
-        ref = t.double().abs().sum().item()
-        assert abs(s - ref) <= 1e-12 * ref, (t.numel(), s, ref)
+        ref = math.fsum(t.double().abs().tolist())  # exact sum, correctly rounded
+        assert abs(s - ref) <= kcpu.SUM_REL_ERROR * ref, (t.numel(), s, ref)  # the documented bound
         assert s == ordered_abs_sum(t)  # bit for bit the documented order
     assert out[0].item() == 0.0
     assert kcpu.layer_abs_sums_cpu([]).shape == (0,)
     # integers: every order is exact
     ints = [torch.arange(-n // 2, n - n // 2, dtype=torch.float32).to(dtype) for n in (5, 3000)]
     assert kcpu.layer_abs_sums_cpu(ints).tolist() == [t.double().abs().sum().item() for t in ints]
+
+
+def test_layer_abs_sums_error_bound_is_attained_not_exceeded():
+    """The worst case of the float32 lane sums: each lane starts at 2**27 / 16 = 2**23 (fp32 ulp 1) and its 7 other
+    values add 0.5 - 2**-25 each, every addition rounding back down: relative error 7 * 2**-24 / (1 + ...) — close to
+    the documented bound, and within it. And sums of values near FLT_MAX stay finite (the factor 2**-4)."""
+    n = 64 * 2048
+    x = torch.full((n,), 8.0 - 2.0**-21, dtype=torch.float32)
+    x.view(-1, kcpu.SUM_SUB)[:, :kcpu.SUM_LANES] = 2.0**27
+    ref = math.fsum(x.double().tolist())
+    s = kcpu.layer_abs_sums_cpu([x]).item()
+    assert s == n // 8 * 2.0**27  # every small value lost
+    assert 4.1e-7 * ref < ref - s <= kcpu.SUM_REL_ERROR * ref
+    huge = torch.full((5000,), 3.0e38, dtype=torch.float32)
+    big = kcpu.layer_abs_sums_cpu([huge, huge.bfloat16()])
+    assert math.isfinite(big[0].item()) and big[0].item() == pytest.approx(5000 * 3.0e38, rel=1e-6)
+    assert math.isfinite(big[1].item())
 
 
 def test_layer_abs_sums_nonfinite_and_errors():

@@ -1,55 +1,71 @@
 // Fused multi-tensor AdamHD step for CPU tensors (AdamW with a decoupled Huber decay).
 //
-// One call updates a whole list of tensors: the lists are laid end to end as one virtual element range,
-// that range is split over torch's intra-op thread pool (at::parallel_for), and each thread walks the
-// tensors its sub-range touches (rounded to whole kSumBlock blocks of each tensor, see below). The inner loop is branch-free and vectorised by the compiler
-// (#pragma omp simd, -O3 -march=native); storage dtypes (fp32 / bf16) are template parameters, all math
-// is fp32, stores round to nearest even (as torch's .to(torch.bfloat16)).
+// One call updates a whole list of tensors: the lists are laid end to end as one virtual element range, that range is
+// split over torch's intra-op thread pool (at::parallel_for), and each thread walks the tensors its sub-range touches
+// (rounded to whole kSumBlock blocks of each tensor, see below). Storage dtypes (fp32 / bf16) are template parameters,
+// all math is fp32, stores round to nearest even (as torch's .to(torch.bfloat16)).
 //
-// Per element (tau = lr * weight_decay):
-//   g  = grad / grad_scale
-//   m2 = lerp(m, g, 1 - beta1)             (torch.lerp's two-sided form)
-//   v2 = beta2 * v + (1 - beta2) * g * g
-//   x  = p
-//   clip:  x -= tau * clamp(x, -delta, delta)
-//   x -= step_size * m2 / (sqrt(v2) / bc2_sqrt + eps)
-//   prox:  x -= tau * clamp(x / (1 + tau), -delta, delta)
+// Per element (tau = lr * weight_decay, bc2 = bc2_sqrt), every multiply-add a fused one (fma: one rounding):
+//   g     = grad / grad_scale
+//   m2    = fma(w, g - m, m)   with w = 1 - beta1 < 0.5, else fma(-(1 - w), g - m, g)    (torch.lerp's two forms)
+//   v2    = fma(1 - beta2, g * g, beta2 * v)
+//   x     = p
+//   clip:   x = fma(-tau, clamp(x, -delta, delta), x)
+//   x     = fma(-(step_size * bc2), m2 / (sqrt(v2) + eps * bc2), x)      (= x - step_size * m2 / (sqrt(v2)/bc2 + eps))
+//   prox:   x = fma(-tau / (1 + tau), clamp(x, -(1 + tau) delta, (1 + tau) delta), x)
+//                                                         (= x - tau * clamp(x / (1 + tau), -delta, delta))
 //   if g is finite: store x, m2, v2; else leave p, m, v bit-for-bit unchanged and count the element.
+// The per-tensor constants (step_size * bc2, eps * bc2, (1 + tau) * delta, tau / (1 + tau)) are computed in double and
+// rounded once to fp32. Written this way the step costs one division and one square root per element, as
+// DeepSpeedCPUAdam's does; results differ from the formulas evaluated exactly only by fp32 roundings (a few ulps of
+// the terms involved).
 //
-// Layer statistic Σ|x| (the AdamHD delta needs each layer's mean |θ|): `abs_sums` computes it for a list of tensors, and
-// `adamhd_step` can emit it for the values it just stored (abs_sums_out), in the same pass. Both use ONE summation
-// order, which depends only on the tensor's numel and values (never on its address, the thread count or split):
-//   * the tensor is cut into blocks of kSumBlock elements counted from its own first element;
-//   * within a block, |x| (exact fp32 -> double) is added into kSumLanes double lanes, element i into lane i % kSumLanes
-//     (a short final group is zero-padded to a full group: +0.0 leaves a lane unchanged), lanes combined by a fixed tree;
-//   * the tensor's sum = 0.0 + partial(block 0) + partial(block 1) + ..., sequentially in block order.
-// Work is split between threads at block boundaries (a block is always done whole by one thread), partials are stored
-// per block and combined after the parallel region, so the result is bitwise reproducible. The fused update feeds the
-// values it has just stored (still in L1, every kSumSub elements) to the same lane accumulator in the same order, so
-// abs_sums_out == abs_sums(params) bit for bit.
+// Layer statistic Σ|x| (the AdamHD delta needs each layer's mean |θ|): `abs_sums` computes it for a list of tensors,
+// and `adamhd_step` can emit it for the values it just stored (abs_sums_out), in the same pass. Both use ONE summation
+// order, which depends only on the tensor's numel and values (never on its address, the thread count or split, or the
+// ISA of the build); it is spelled out above BlockSum below. Work is split between threads at block boundaries (a
+// block is always done whole by one thread), partials are stored per block and combined after the parallel region,
+// so the result is bitwise reproducible; abs_sums_out == abs_sums(params) bit for bit.
 //
-// Built without -ffast-math: infinities and NaNs follow IEEE rules. Built with -ffp-contract=off: no implicit FMA,
-// so an element's result does not depend on whether it lands in the vector body or a scalar remainder (i.e. on
-// the thread split or the offset of a view) — every op is one IEEE fp32 op, in the order written.
+// Every operation above is a single IEEE operation (fp32 add, multiply, divide, square root, fma; min / max with the
+// operand order of std::min / std::max), written in the order shown. The build uses -ffp-contract=off (no FMA the
+// source does not ask for) and no -ffast-math (infinities and NaNs follow IEEE rules), so an element's result does not
+// depend on whether it is computed in a vector body, a scalar remainder or the x86 SIMD path below, i.e. on the thread
+// split, the offset of a view, or the ISA the extension was built for.
+//
+// Code paths: portable C++ (vectorised by the compiler, #pragma omp simd) for every dtype combination; on x86 builds
+// with AVX2 + FMA (or AVX-512), the all-fp32 update of whole 256-element ranges uses explicit intrinsics that fuse the
+// finiteness check, the update and the statistic in one pass. A build with -DADAMHD_PORTABLE (ADAMHD_CPU_ISA=generic)
+// uses the portable code only.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if !defined(ADAMHD_PORTABLE) && defined(__AVX512F__)
+#define ADAMHD_SIMD 512
+#include <immintrin.h>
+#elif !defined(ADAMHD_PORTABLE) && defined(__AVX2__) && defined(__FMA__)
+#define ADAMHD_SIMD 256
+#include <immintrin.h>
+#else
+#define ADAMHD_SIMD 0
+#endif
 
 #pragma STDC FP_CONTRACT OFF
 
 namespace {
+
+constexpr const char* kPathName = ADAMHD_SIMD == 512 ? "avx512" : ADAMHD_SIMD == 256 ? "avx2" : "portable";
 
 enum DecayMode : int { kNone = 0, kProx = 1, kClip = 2 };
 
@@ -74,7 +90,12 @@ struct Store;
 template <>
 struct Store<float> {
   static inline float load(float x) { return x; }
-  static inline float select(bool keep_new, float x, float old) { return keep_new ? x : old; }
+  static inline float store(float x) { return x; }
+  // A bit select, not ?: (which GCC makes a conditional store, vectorised only with AVX-512's masked stores).
+  static inline float select(bool keep_new, float x, float old) {
+    const uint32_t keep = 0u - static_cast<uint32_t>(keep_new);
+    return bits_to_float((float_to_bits(x) & keep) | (float_to_bits(old) & ~keep));
+  }
 };
 
 template <>
@@ -88,6 +109,7 @@ struct Store<bf16_raw> {
     const uint32_t nan = 0u - static_cast<uint32_t>(x != x);
     return (r & ~nan) | (UINT32_C(0x7FC0) & nan);
   }
+  static inline bf16_raw store(float x) { return static_cast<bf16_raw>(round(x)); }
   static inline bf16_raw select(bool keep_new, float x, bf16_raw old) {
     const uint32_t keep = 0u - static_cast<uint32_t>(keep_new);
     return static_cast<bf16_raw>((round(x) & keep) | (static_cast<uint32_t>(old) & ~keep));
@@ -95,148 +117,177 @@ struct Store<bf16_raw> {
 };
 
 struct Scalars {
-  float beta1_w;      // lerp weight 1 - beta1
-  bool lerp_low;      // weight < 0.5: m + w*(g-m); else g - (g-m)*(1-w)
+  bool lerp_low;      // weight 1 - beta1 < 0.5: m + w*(g-m); else g - (g-m)*(1-w)
   float lerp_coef;    // w, or -(1 - w)
   float beta2;
   float one_minus_beta2;
-  float eps;
-  float tau;
-  float one_plus_tau;
+  float neg_decay_c;  // clip: -tau; prox: -tau / (1 + tau)
   float grad_scale;
 };
 
+// Per tensor, rounded to fp32 from double products.
 struct TensorScalars {
-  float step_size;
-  float bc2_sqrt;
-  float delta;
+  float neg_step_bc;  // -step_size * bc2_sqrt
+  float eps_bc;       // eps * bc2_sqrt
+  float decay_hi;     // clip: delta; prox: (1 + tau) * delta
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Deterministic block sum of |x|. The order of every addition is fixed (the code below only changes how it is
-// computed for the ISA at hand, never the order): each |x| is converted exactly to double; 32 double lanes,
-//   L[l] = (((0 + |x[l]|) + |x[32 + l]|) + |x[64 + l]|) + ...      (l = i % 32; a short last group is zero padded)
-//   t[j] = (L[j] + L[8 + j]) + (L[16 + j] + L[24 + j])                                  (j < 8)
+// The layer statistic Σ|x| of one block, in a fixed order. A block (kSumBlock elements, counted from the tensor's
+// first element) is cut into sub-blocks of kSumSub; element i of a sub-block goes to lane l = i % kSumLanes, and
+//   s[l] = fma(|x|, 2^-4, s[l])   in fp32 from s[l] = 0, over the sub-block's 8 elements of lane l, in element order;
+//   L[l] = L[l] + 16 * s[l]       in double from L[l] = 0, once per sub-block, in sub-block order (16 * s is exact);
+//   t[j] = (L[j] + L[8 + j]) + (L[16 + j] + L[24 + j])                                (j < 8)
 //   sum  = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
-// Implementations: vectors of 4 doubles (AVX: accumulator k holds lanes 4k..4k+3), vectors of 8 doubles (AVX-512, bf16;
-// and the portable GCC vector-extension fallback). Each vector op is lane-wise IEEE arithmetic, so all give the same
-// bits; exact |x| -> double conversions and IEEE adds (no FMA, no reassociation) make that ISA independent.
+// A short last sub-block is zero padded (+0 changes no sum). The tensor's sum = ((0 + block 0) + block 1) + ..., in
+// double. The factor 2^-4 keeps every s[l] finite for finite input (8 values of at most FLT_MAX / 16).
+// Error: the fma adds the exact |x| * 2^-4, so s[l] is a recursive fp32 sum of 8 non-negative terms, relative error at
+// most 7u / (1 - 7u) = 4.172e-7 (u = 2^-24), while the partial sums stay normal (>= 2^-126; below that each addition
+// errs by at most 2^-150, i.e. 2^-146 after the factor 16); the double additions add at most (8 + 5 + number of
+// blocks) * 2^-53 relative, under 1e-9 below 2^34 elements. So |sum - Σ|x|| <= 4.2e-7 * Σ|x| + numel * 2^-146 there.
+// (Exact double accumulation of every |x| costs two conversions and two double adds per 8 elements in the update loop;
+// this costs one fma.)
 // ---------------------------------------------------------------------------------------------------------------
-constexpr int64_t kSumBlock = 2048;  // elements per block (multiple of kSumLanes)
+constexpr int64_t kSumBlock = 2048;  // elements per block (multiple of kSumSub)
+constexpr int64_t kSumSub = 256;     // elements per sub-block; the update runs in ranges of this size
 constexpr int kSumLanes = 32;
-// The fused update sums what it stored every kSumSub elements (measured: 32 / 256 / 2048 all within noise).
-constexpr int64_t kSumSub = 256;
-
-#if defined(__AVX__)
-// 8 x 4 doubles. float: one vcvtps2pd per 4 elements; bf16: zero-extend, shift into the high half, convert.
-template <typename T>
-struct SumAcc4 {
-  __m256d a[8];
-  SumAcc4() {
-    for (auto& q : a) q = _mm256_setzero_pd();
-  }
-  static inline __m256d load4(const float* x) { return _mm256_cvtps_pd(_mm_loadu_ps(x)); }
-  static inline __m256d load4(const bf16_raw* x) {
-    const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
-    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
-  }
-  inline void add32(const T* x) {
-    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll));
-    for (int k = 0; k < 8; ++k) a[k] = _mm256_add_pd(a[k], _mm256_and_pd(load4(x + 4 * k), abs_mask));
-  }
-  inline double finish() const {
-    const __m256d lo = _mm256_add_pd(_mm256_add_pd(a[0], a[2]), _mm256_add_pd(a[4], a[6]));  // t[0..4)
-    const __m256d hi = _mm256_add_pd(_mm256_add_pd(a[1], a[3]), _mm256_add_pd(a[5], a[7]));  // t[4..8)
-    alignas(32) double u[4];
-    _mm256_store_pd(u, _mm256_add_pd(lo, hi));  // u[j] = t[j] + t[j + 4]
-    return (u[0] + u[2]) + (u[1] + u[3]);
-  }
-};
-#endif
-
-#if defined(__AVX512F__)
-// 4 x 8 doubles, for bf16 (zero-extend + shift + one vcvtps2pd zmm per 8 elements is cheaper than the 4-wide path).
-struct SumAcc8Bf16 {
-  __m512d a[4];
-  SumAcc8Bf16() {
-    for (auto& q : a) q = _mm512_setzero_pd();
-  }
-  static inline __m512d load8(const bf16_raw* x) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-    return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-  }
-  inline void add32(const bf16_raw* x) {
-    const __m512d abs_mask = _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll));
-    for (int k = 0; k < 4; ++k) a[k] = _mm512_add_pd(a[k], _mm512_and_pd(load8(x + 8 * k), abs_mask));
-  }
-  inline double finish() const {
-    alignas(64) double t[8];
-    _mm512_store_pd(t, _mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3])));
-    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
-  }
-};
-#endif
-
-// Portable fallback: GCC vector extensions, 4 x 8 doubles.
-typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
+constexpr float kSumScale = 0.0625f;  // 2^-4
+static_assert(kSumSub % kSumLanes == 0 && kSumBlock % kSumSub == 0, "sub-blocks hold whole lane groups");
 
 template <typename T>
-struct SumAccGeneric {
-  v8d a[4] = {};
-  // (accumulate through a reference: no 64-byte vectors passed by value, which -Wpsabi flags on non-AVX-512 builds)
-  static inline void add8(v8d& a, const float* x) {
-    v8u u;
-    std::memcpy(&u, x, sizeof(u));
-    u &= 0x7FFFFFFFu;
-    a += __builtin_convertvector((v8f)u, v8d);
+inline float abs_of(T x) {
+  return bits_to_float(float_to_bits(Store<T>::load(x)) & 0x7FFFFFFFu);
+}
+
+// The double lanes of one block.
+struct BlockSum {
+  double L[kSumLanes] = {};
+  // Adds one sub-block's fp32 lane sums s[0, kSumLanes).
+  inline void add_lanes(const float* s) {
+    for (int l = 0; l < kSumLanes; ++l) L[l] += 16.0 * static_cast<double>(s[l]);
   }
-  static inline void add8(v8d& a, const bf16_raw* x) {
-    v8h h;
-    std::memcpy(&h, x, sizeof(h));
-    v8u u = __builtin_convertvector(h, v8u) << 16;
-    u &= 0x7FFFFFFFu;
-    a += __builtin_convertvector((v8f)u, v8d);
+  // Adds one whole sub-block x[0, kSumSub) (portable code).
+  template <typename T>
+  inline void add_sub(const T* __restrict x) {
+    alignas(64) float s[kSumLanes] = {};
+    for (int64_t r = 0; r < kSumSub; r += kSumLanes) {
+#pragma omp simd
+      for (int l = 0; l < kSumLanes; ++l) s[l] = std::fma(abs_of(x[r + l]), kSumScale, s[l]);
+    }
+    add_lanes(s);
   }
-  inline void add32(const T* x) {
-    for (int k = 0; k < 4; ++k) add8(a[k], x + 8 * k);
-  }
+  // Adds x[0, n), 0 < n <= kSumSub, zero padded to a whole sub-block.
+  template <typename T>
+  inline void add(const T* x, int64_t n);
   inline double finish() const {
-    const v8d t = (a[0] + a[1]) + (a[2] + a[3]);
+    double t[8];
+    for (int j = 0; j < 8; ++j) t[j] = (L[j] + L[8 + j]) + (L[16 + j] + L[24 + j]);
     return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
   }
 };
 
+// ---------------------------------------------------------------------------------------------------------------
+// x86 SIMD: one vector type per build (8 or 16 fp32 lanes), the same operations as the portable code.
+// ---------------------------------------------------------------------------------------------------------------
+#if ADAMHD_SIMD == 512
+struct Vec {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int W = 16;
+  static inline F load(const float* x) { return _mm512_loadu_ps(x); }
+  static inline I loadi(const float* x) { return _mm512_loadu_si512(x); }
+  static inline void store(float* x, F a) { _mm512_storeu_ps(x, a); }
+  static inline F set(float a) { return _mm512_set1_ps(a); }
+  static inline I seti(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
+  static inline F zero() { return _mm512_setzero_ps(); }
+  static inline I zeroi() { return _mm512_setzero_si512(); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // std::max(x, lo) = x < lo ? lo : x  and  std::min(x, hi) = hi < x ? hi : x, NaN x kept: max_ps(a, b) is
+  // a > b ? a : b and min_ps(a, b) is a < b ? a : b, both b when unordered.
+  static inline F clamp(F x, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, x)); }
+  static inline F abs(F a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), seti(0x7FFFFFFFu))); }
+  static inline I maxu(I a, I b) { return _mm512_max_epu32(a, b); }
+  static inline I andi(I a, I b) { return _mm512_and_si512(a, b); }
+  static inline uint32_t hmaxu(I a) { return _mm512_reduce_max_epu32(a); }
+  static inline bool nan_any(F a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
+};
+#elif ADAMHD_SIMD == 256
+struct Vec {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int W = 8;
+  static inline F load(const float* x) { return _mm256_loadu_ps(x); }
+  static inline I loadi(const float* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+  static inline void store(float* x, F a) { _mm256_storeu_ps(x, a); }
+  static inline F set(float a) { return _mm256_set1_ps(a); }
+  static inline I seti(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline I zeroi() { return _mm256_setzero_si256(); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  // (see the AVX-512 version)
+  static inline F clamp(F x, F lo, F hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
+  static inline F abs(F a) { return _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(a), seti(0x7FFFFFFFu))); }
+  static inline I maxu(I a, I b) { return _mm256_max_epu32(a, b); }
+  static inline I andi(I a, I b) { return _mm256_and_si256(a, b); }
+  static inline uint32_t hmaxu(I a) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1));
+    return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+  }
+  static inline bool nan_any(F a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
+};
+#endif
+
+#if ADAMHD_SIMD
+constexpr int kVecs = kSumLanes / Vec::W;  // vectors per lane group: vector k holds lanes k*W .. k*W + W - 1
+
+// BlockSum::add_sub for fp32, in vectors.
+inline void simd_lane_sums(const float* __restrict x, float* __restrict out) {
+  const Vec::F scale = Vec::set(kSumScale);
+  Vec::F s[kVecs];
+  for (auto& q : s) q = Vec::zero();
+  for (int64_t r = 0; r < kSumSub; r += kSumLanes)
+    for (int k = 0; k < kVecs; ++k) s[k] = Vec::fma(Vec::abs(Vec::load(x + r + k * Vec::W)), scale, s[k]);
+  for (int k = 0; k < kVecs; ++k) Vec::store(out + k * Vec::W, s[k]);
+}
+#endif
+
 template <typename T>
-struct SumAccFor {
-#if defined(__AVX__)
-  using type = SumAcc4<T>;
-#else
-  using type = SumAccGeneric<T>;
+inline void BlockSum::add(const T* x, int64_t n) {
+  if (n < kSumSub) {
+    T pad[kSumSub];
+    std::memset(pad, 0, sizeof(pad));  // raw zero is +0.0 in fp32 and bf16
+    std::memcpy(pad, x, static_cast<size_t>(n) * sizeof(T));
+    add(static_cast<const T*>(pad), kSumSub);
+    return;
+  }
+#if ADAMHD_SIMD
+  if constexpr (std::is_same_v<T, float>) {
+    alignas(64) float s[kSumLanes];
+    simd_lane_sums(x, s);
+    add_lanes(s);
+    return;
+  }
 #endif
-};
-#if defined(__AVX512F__)
-template <>
-struct SumAccFor<bf16_raw> {
-  using type = SumAcc8Bf16;
-};
-#endif
+  add_sub(x);
+}
 
 // Σ|x[0..n)| for one block, 0 < n <= kSumBlock, in the fixed order above.
-template <typename T, typename Acc = typename SumAccFor<T>::type>
+template <typename T>
 double block_abs_sum(const T* __restrict x, int64_t n) {
-  static_assert(kSumBlock % kSumLanes == 0, "blocks hold whole lane groups");
-  Acc acc;
-  int64_t i = 0;
-  for (; i + kSumLanes <= n; i += kSumLanes) acc.add32(x + i);
-  if (i < n) {  // last partial group, zero padded: raw zero is +0.0 (fp32 and bf16), and L + 0.0 == L
-    T tail[kSumLanes];
-    std::memset(tail, 0, sizeof(tail));
-    std::memcpy(tail, x + i, static_cast<size_t>(n - i) * sizeof(T));
-    acc.add32(tail);
-  }
+  BlockSum acc;
+  for (int64_t i = 0; i < n; i += kSumSub) acc.add(x + i, std::min(kSumSub, n - i));
   return acc.finish();
 }
 
@@ -276,56 +327,90 @@ inline double combine_partials(const double* partials, int64_t nblocks) {
 
 // Loop constants of one tensor, as plain floats (passed by value: nothing the compiler must assume aliases p/g/m/v).
 struct LoopConsts {
-  uint32_t lerp_mask;
-  float lerp_coef, beta2, omb2, eps, tau, opt, gs, step, bc2, delta, ndelta;
+  uint32_t lerp_mask;    // all ones: m2 = m + w*(g - m);  zero: m2 = g - (1 - w)*(g - m)
+  bool lerp_low;         // lerp_mask is all ones
+  float lerp_coef;       // w, or -(1 - w)
+  float beta2, omb2;
+  float eps_bc;          // eps * bc2_sqrt
+  float neg_step_bc;     // -step_size * bc2_sqrt
+  float gs;              // grad_scale
+  float neg_c;           // -(decay coefficient): clip: -tau;  prox: -tau / (1 + tau)
+  float lo, hi;          // clamp bounds: clip: +-delta;  prox: +-(1 + tau) * delta
 };
 
-// The vectorised update of elements [b0, b1) of one tensor. Returns the non-finite count (int32: keeps the simd
-// reduction narrow).
+// The update of one element (see the top of this file).
+template <int MODE, bool LERP_LOW>
+inline __attribute__((always_inline)) float element(float gi, float mi, float vi, float pi, const LoopConsts& c,
+                                                    float& m2, float& v2) {
+  // base = lerp_low ? mi : gi, as a bit select (GCC will not vectorise a ?: on a loop-invariant bool in loops that mix
+  // 16- and 32-bit element types); a compile-time choice where the caller knows it.
+  const float base =
+      LERP_LOW ? mi : bits_to_float((float_to_bits(mi) & c.lerp_mask) | (float_to_bits(gi) & ~c.lerp_mask));
+  m2 = std::fma(c.lerp_coef, gi - mi, base);
+  v2 = std::fma(c.omb2, gi * gi, c.beta2 * vi);
+  const float denom = std::sqrt(v2) + c.eps_bc;
+  float x = pi;
+  if (MODE == kClip) x = std::fma(c.neg_c, std::min(std::max(x, c.lo), c.hi), x);
+  x = std::fma(c.neg_step_bc, m2 / denom, x);
+  if (MODE == kProx) x = std::fma(c.neg_c, std::min(std::max(x, c.lo), c.hi), x);
+  return x;
+}
+
+// Whether every gradient of a range, divided by grad_scale when SCALE, is finite, from the largest |g| as bits (`top`:
+// the order of non-negative floats, with inf and NaN above every finite value): it and its quotient must be finite
+// (rounding is monotonic, so no smaller |g| / |grad_scale| can overflow).
+template <bool SCALE>
+inline bool finite_top(uint32_t top, float gs) {
+  return top < 0x7F800000u && (!SCALE || bits_to_float(top) / std::abs(gs) <= FLT_MAX);
+}
+
+template <typename G, bool SCALE>
+inline bool all_finite(const G* __restrict g, int64_t b0, int64_t b1, float gs) {
+  uint32_t top = 0;
+  int64_t i = b0;
+  if (b1 - b0 >= kSumLanes) {  // in lanes, several vectors wide: the scan is not one long dependency chain
+    uint32_t lanes[kSumLanes] = {};
+    for (; i + kSumLanes <= b1; i += kSumLanes) {
+#pragma omp simd
+      for (int l = 0; l < kSumLanes; ++l)
+        lanes[l] = std::max(lanes[l], float_to_bits(Store<G>::load(g[i + l])) & 0x7FFFFFFFu);
+    }
+    for (int l = 0; l < kSumLanes; ++l) top = std::max(top, lanes[l]);
+  }
+  for (; i < b1; ++i) top = std::max(top, float_to_bits(Store<G>::load(g[i])) & 0x7FFFFFFFu);
+  return finite_top<SCALE>(top, gs);
+}
+
+// The update of elements [b0, b1) of one tensor, in portable code. Returns the non-finite count (int32: keeps the simd
+// reduction narrow). `finite`: the caller has checked that every gradient of the range is finite (all_finite), and
+// lerp_low holds; the loop then has no masks. Otherwise every store selects between the new and the old value (the
+// same arithmetic, so the same bits for the finite elements).
 template <typename P, typename G, typename S, int MODE, bool SCALE>
 inline __attribute__((always_inline)) int32_t update_range(P* __restrict p, const G* __restrict g, S* __restrict m,
-                                                           S* __restrict v, int64_t b0, int64_t b1, const LoopConsts c) {
-  const uint32_t lerp_mask = c.lerp_mask;
-  const float lerp_coef = c.lerp_coef;
-  const float beta2 = c.beta2;
-  const float omb2 = c.omb2;
-  const float eps = c.eps;
-  const float tau = c.tau;
-  const float opt = c.opt;
-  const float gs = c.gs;
-  const float step = c.step;
-  const float bc2 = c.bc2;
-  const float delta = c.delta;
-  const float ndelta = c.ndelta;
+                                                           S* __restrict v, int64_t b0, int64_t b1, const LoopConsts& c,
+                                                           bool finite) {
+  if (finite) {
+#pragma omp simd
+    for (int64_t i = b0; i < b1; ++i) {
+      float gi = Store<G>::load(g[i]);
+      if (SCALE) gi = gi / c.gs;
+      float m2, v2;
+      const float x = element<MODE, true>(gi, Store<S>::load(m[i]), Store<S>::load(v[i]), Store<P>::load(p[i]), c,
+                                          m2, v2);
+      p[i] = Store<P>::store(x);
+      m[i] = Store<S>::store(m2);
+      v[i] = Store<S>::store(v2);
+    }
+    return 0;
+  }
   int32_t bad = 0;
 #pragma omp simd reduction(+ : bad)
   for (int64_t i = b0; i < b1; ++i) {
     float gi = Store<G>::load(g[i]);
-    if (SCALE) gi = gi / gs;
-    const float mi = Store<S>::load(m[i]);
-    const float vi = Store<S>::load(v[i]);
-    const float pi = Store<P>::load(p[i]);
-
-    const float diff = gi - mi;
-    // base = lerp_low ? mi : gi, as a bit select: GCC will not vectorise a ?: on a loop-invariant bool in
-    // loops that mix 16- and 32-bit element types.
-    const float base = bits_to_float((float_to_bits(mi) & lerp_mask) | (float_to_bits(gi) & ~lerp_mask));
-    const float m2 = base + lerp_coef * diff;
-    const float v2 = beta2 * vi + omb2 * gi * gi;
-    const float denom = std::sqrt(v2) / bc2 + eps;
-
-    float x = pi;
-    if (MODE == kClip) {
-      const float cl = std::min(std::max(x, ndelta), delta);
-      x = x - tau * cl;
-    }
-    x = x - step * (m2 / denom);
-    if (MODE == kProx) {
-      const float y = x / opt;
-      const float cl = std::min(std::max(y, ndelta), delta);
-      x = x - tau * cl;
-    }
-
+    if (SCALE) gi = gi / c.gs;
+    float m2, v2;
+    const float x = element<MODE, false>(gi, Store<S>::load(m[i]), Store<S>::load(v[i]), Store<P>::load(p[i]), c,
+                                         m2, v2);
     const bool fin = std::abs(gi) <= FLT_MAX;  // false for +-inf and NaN
     bad += fin ? 0 : 1;
     p[i] = Store<P>::select(fin, x, p[i]);
@@ -335,59 +420,115 @@ inline __attribute__((always_inline)) int32_t update_range(P* __restrict p, cons
   return bad;
 }
 
+#if ADAMHD_SIMD
+// The update of one whole range [i0, i0 + kSumSub) of fp32 tensors whose gradients are known finite, with lerp_low:
+// element() in vectors. With SUMS, also the fp32 lane sums of the stored |p| (out_sums, as BlockSum::add_sub); with
+// NEXT, also the finiteness scan of the following range's gradients (returned as `top`, see finite_top), all in one
+// pass over the data.
+template <int MODE, bool SCALE, bool SUMS, bool NEXT>
+inline uint32_t simd_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                           int64_t i0, const LoopConsts& c, float* __restrict out_sums) {
+  using V = Vec;
+  const V::F coef = V::set(c.lerp_coef), beta2 = V::set(c.beta2), omb2 = V::set(c.omb2), eps = V::set(c.eps_bc),
+             step = V::set(c.neg_step_bc), gs = V::set(c.gs), nc = V::set(c.neg_c), lo = V::set(c.lo),
+             hi = V::set(c.hi), scale = V::set(kSumScale);
+  const V::I abs_mask = V::seti(0x7FFFFFFFu);
+  const V::F zero = V::zero();
+  V::F s[kVecs], zsum[kVecs];
+  V::I top[kVecs];
+  for (int k = 0; k < kVecs; ++k) {
+    s[k] = zsum[k] = zero;
+    top[k] = V::zeroi();
+  }
+  for (int64_t r = i0; r < i0 + kSumSub; r += kSumLanes) {
+    for (int k = 0; k < kVecs; ++k) {
+      const int64_t i = r + k * V::W;
+      if (NEXT) {
+        if (SCALE) top[k] = V::maxu(top[k], V::andi(V::loadi(g + i + kSumSub), abs_mask));
+        else zsum[k] = V::fma(V::load(g + i + kSumSub), zero, zsum[k]);  // g * 0 is NaN for inf and NaN, else +-0
+      }
+      V::F gi = V::load(g + i);
+      if (SCALE) gi = V::div(gi, gs);
+      const V::F mi = V::load(m + i);
+      const V::F m2 = V::fma(coef, V::sub(gi, mi), mi);
+      const V::F v2 = V::fma(omb2, V::mul(gi, gi), V::mul(beta2, V::load(v + i)));
+      const V::F denom = V::add(V::sqrt(v2), eps);
+      V::F x = V::load(p + i);
+      if (MODE == kClip) x = V::fma(nc, V::clamp(x, lo, hi), x);
+      x = V::fma(step, V::div(m2, denom), x);
+      if (MODE == kProx) x = V::fma(nc, V::clamp(x, lo, hi), x);
+      V::store(p + i, x);
+      V::store(m + i, m2);
+      V::store(v + i, v2);
+      if (SUMS) s[k] = V::fma(V::abs(x), scale, s[k]);
+    }
+  }
+  if (SUMS)
+    for (int k = 0; k < kVecs; ++k) V::store(out_sums + k * V::W, s[k]);
+  uint32_t t = 0;
+  if (NEXT && SCALE)
+    for (int k = 0; k < kVecs; ++k) t = std::max(t, V::hmaxu(top[k]));
+  if (NEXT && !SCALE)  // (one fma per vector instead of an and and a max; finite_top<false> reads only t < inf)
+    for (int k = 0; k < kVecs; ++k) t = std::max(t, V::nan_any(zsum[k]) ? 0x7FC00000u : 0u);
+  return t;
+}
+#endif
+
 // One contiguous piece [0, n) of one tensor. Returns the non-finite count. With partials (one slot per block), the
 // piece starts at a block boundary of its tensor and partials[k] receives block k's sum of the stored |p|.
+// The piece is updated in ranges of kSumSub elements: a range whose gradients are all finite (checked before it is
+// updated) takes the loop without masks; the statistic of a range is taken right behind its update (still in L1).
 template <typename P, typename G, typename S, int MODE, bool SCALE>
 int64_t step_piece(P* __restrict p, const G* __restrict g, S* __restrict m, S* __restrict v, int64_t n,
                    const Scalars& sc, const TensorScalars& ts, double* __restrict partials) {
   LoopConsts c;
   c.lerp_mask = sc.lerp_low ? 0xFFFFFFFFu : 0u;
+  c.lerp_low = sc.lerp_low;
   c.lerp_coef = sc.lerp_coef;
   c.beta2 = sc.beta2;
   c.omb2 = sc.one_minus_beta2;
-  c.eps = sc.eps;
-  c.tau = sc.tau;
-  c.opt = sc.one_plus_tau;
   c.gs = sc.grad_scale;
-  c.step = ts.step_size;
-  c.bc2 = ts.bc2_sqrt;
-  c.delta = ts.delta;
-  c.ndelta = -ts.delta;
-  auto update = [=](int64_t b0, int64_t b1) { return update_range<P, G, S, MODE, SCALE>(p, g, m, v, b0, b1, c); };
-
+  c.neg_c = sc.neg_decay_c;
+  c.eps_bc = ts.eps_bc;
+  c.neg_step_bc = ts.neg_step_bc;
+  c.hi = ts.decay_hi;
+  c.lo = -ts.decay_hi;
+  const bool sums = partials != nullptr;
+  // ok: the range starting at i has only finite gradients (and lerp_low holds)
+  auto check = [&](int64_t i) {
+    return c.lerp_low && i < n && all_finite<G, SCALE>(g, i, std::min(n, i + kSumSub), c.gs);
+  };
+  bool ok = check(0);
   int64_t bad_total = 0;
-  if (partials == nullptr) {
-    constexpr int64_t kChunk = 1 << 16;
-    for (int64_t b0 = 0; b0 < n; b0 += kChunk) bad_total += update(b0, std::min(n, b0 + kChunk));
-    return bad_total;
-  }
-  // With partials: the piece starts at a block boundary of its tensor. The stored values are summed right behind the
-  // update, every kSumSub elements (still in L1, interleaved with the update's memory traffic), into the lanes of
-  // the block's accumulator: the same lane order as block_abs_sum (whole groups of kSumLanes from the block start,
-  // then the zero-padded last group), so partials[k] is bitwise what abs_sums computes for that block.
-  using Acc = typename SumAccFor<P>::type;
-  static_assert(kSumSub % kSumLanes == 0 && kSumBlock % kSumSub == 0, "sub-chunks hold whole lane groups");
   for (int64_t b0 = 0, k = 0; b0 < n; b0 += kSumBlock, ++k) {
     const int64_t b1 = std::min(n, b0 + kSumBlock);
-    Acc acc;
-    int32_t bad = 0;
-    int64_t i = b0;
-    for (; i + kSumSub <= b1; i += kSumSub) {
-      bad += update(i, i + kSumSub);
-      for (int64_t j = 0; j < kSumSub; j += kSumLanes) acc.add32(p + i + j);
-    }
-    if (i < b1) {
-      bad += update(i, b1);
-      for (; i + kSumLanes <= b1; i += kSumLanes) acc.add32(p + i);
-      if (i < b1) {
-        P tail[kSumLanes];
-        std::memset(tail, 0, sizeof(tail));
-        std::memcpy(tail, p + i, static_cast<size_t>(b1 - i) * sizeof(P));
-        acc.add32(tail);
+    BlockSum acc;
+    for (int64_t i = b0; i < b1; i += kSumSub) {
+      const int64_t e = std::min(b1, i + kSumSub);
+#if ADAMHD_SIMD
+      if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && std::is_same_v<S, float>) {
+        if (ok && e - i == kSumSub) {
+          alignas(64) float s[kSumLanes];
+          const bool next_whole = n - e >= kSumSub;
+          if (next_whole) {
+            const uint32_t top = sums ? simd_range<MODE, SCALE, true, true>(p, g, m, v, i, c, s)
+                                      : simd_range<MODE, SCALE, false, true>(p, g, m, v, i, c, s);
+            ok = finite_top<SCALE>(top, c.gs);
+          } else {
+            if (sums) simd_range<MODE, SCALE, true, false>(p, g, m, v, i, c, s);
+            else simd_range<MODE, SCALE, false, false>(p, g, m, v, i, c, s);
+            ok = check(e);
+          }
+          if (sums) acc.add_lanes(s);
+          continue;
+        }
       }
+#endif
+      bad_total += update_range<P, G, S, MODE, SCALE>(p, g, m, v, i, e, c, ok);
+      if (sums) acc.add(p + i, e - i);
+      ok = check(e);
     }
-    bad_total += bad;
-    partials[k] = acc.finish();
+    if (sums) partials[k] = acc.finish();
   }
   return bad_total;
 }
@@ -489,14 +630,11 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
 
   Scalars sc;
   const float w = static_cast<float>(1.0 - beta1);
-  sc.beta1_w = w;
   sc.lerp_low = std::abs(w) < 0.5f;
   sc.lerp_coef = sc.lerp_low ? w : -(1.0f - w);
   sc.beta2 = static_cast<float>(beta2);
   sc.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  sc.eps = static_cast<float>(eps);
-  sc.tau = static_cast<float>(tau_d);
-  sc.one_plus_tau = static_cast<float>(1.0 + tau_d);
+  sc.neg_decay_c = static_cast<float>(mode == kProx ? -tau_d / (1.0 + tau_d) : -tau_d);
   sc.grad_scale = scale ? static_cast<float>(grad_scale) : 1.0f;
 
   std::vector<Job> jobs;
@@ -531,11 +669,11 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
     j.elem_g = g.element_size();
     j.elem_s = m.element_size();
     j.fn = pick(mode, scale, pc, gc, mc);
-    j.ts.step_size = static_cast<float>(step_sizes[i]);
-    j.ts.bc2_sqrt = static_cast<float>(bc2_sqrts[i]);
-    j.ts.delta = mode == kNone ? 0.0f : static_cast<float>(deltas[i]);
-    TORCH_CHECK(!(j.ts.delta < 0.0f) && j.ts.delta == j.ts.delta, "adamhd cpu kernel: tensor ", i,
-                ": delta must be >= 0 (or +inf)");
+    const double delta = mode == kNone ? 0.0 : deltas[i];
+    TORCH_CHECK(delta >= 0.0, "adamhd cpu kernel: tensor ", i, ": delta must be >= 0 (or +inf)");
+    j.ts.neg_step_bc = static_cast<float>(-step_sizes[i] * bc2_sqrts[i]);
+    j.ts.eps_bc = static_cast<float>(eps * bc2_sqrts[i]);
+    j.ts.decay_hi = static_cast<float>(mode == kProx ? (1.0 + tau_d) * delta : delta);
     j.index = i;
     j.blocks = num_blocks(n);
     j.pbase = jobs.empty() ? 0 : jobs.back().pbase + jobs.back().blocks;
@@ -634,7 +772,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("eps"), py::arg("weight_decay"), py::arg("decay_mode"), py::arg("grad_scale"),
           py::arg("abs_sums_out") = py::none(), py::call_guard<py::gil_scoped_release>());
   mod.attr("SUM_BLOCK") = kSumBlock;
+  mod.attr("SUM_SUB") = kSumSub;
   mod.attr("SUM_LANES") = kSumLanes;
+  mod.attr("SIMD_PATH") = kPathName;  // which code the build has for the fp32 update: "avx512", "avx2" or "portable"
   mod.def("abs_sums", &abs_sums, "Sum of |x| of each CPU tensor (float32 / bfloat16, contiguous) as a float64 tensor, "
           "in a fixed summation order that depends only on each tensor's numel and values", py::arg("tensors"),
           py::call_guard<py::gil_scoped_release>());
