@@ -184,6 +184,8 @@ class AdamHD(Optimizer):
         # group (by identity) the shapes it was given in order
         self.__dict__.setdefault("_given", {})
         self.__dict__.setdefault("_given_shapes", {})
+        # id(param group) -> (ids, the tensors) found placed at its last step (checked again when they change)
+        self.__dict__.setdefault("_placed", {})
         self.__dict__.setdefault("_loaded_layer_state", None)
         # flat strategy, one training step: (reduced Σ|θ| per layer, δ setting per layer) from begin_step(), and the
         # δ per layer once the first inner step computed it
@@ -232,6 +234,7 @@ class AdamHD(Optimizer):
             raise TypeError(f"layer_stats must be a LayerStats, got {type(stats).__name__}")
         stats.bind(self)
         self.layer_stats = stats
+        self._placed.clear()
         self._pending, self._layer_delta = None, None
         if not stats.flat:
             self.layer_state = None
@@ -266,6 +269,10 @@ class AdamHD(Optimizer):
         copies, e.g. DeepSpeed's stage-0 fp16/bf16 optimizer) — it then holds every element of that one layer."""
         stats = self.layer_stats
         for group, ps, _ in work:
+            ids = tuple(map(id, ps))
+            last = self._placed.get(id(group))
+            if last is not None and last[0] == ids:  # the same tensors as at the last step (kept alive: no id reuse)
+                continue
             setting = delta_setting(group)
             shapes = None
             for p in ps:
@@ -294,6 +301,7 @@ class AdamHD(Optimizer):
                     f"layer's Huber threshold δ (delta_mode={group['delta_mode']!r} needs each layer's mean |θ| "
                     f"over the whole layer). This is what an engine that flattens or partitions parameters hands "
                     f"the optimizer (DeepSpeed ZeRO, its BF16 optimizer). Fix:\n{UNPLACED_FIXES}")
+            self._placed[id(group)] = (ids, ps)
 
     # ----------------------------------------------------------------------------------------------------------
     # state
@@ -352,8 +360,13 @@ class AdamHD(Optimizer):
                 sums[torch.tensor(stat, device=part.device)] = part
         device = sums.device if sums is not None else stats.local(layers[0]).device
         has = ["delta_ema" in st for st in states]
-        mus = torch.stack([st["delta_ema"].to(device) if h else torch.zeros((), device=device)
-                           for st, h in zip(states, has)]) if any(has) else torch.zeros(len(layers), device=device)
+        if all(has):
+            mus = torch.stack([st["delta_ema"] for st in states]).to(device)
+        elif any(has):
+            mus = torch.stack([st["delta_ema"].to(device) if h else torch.zeros((), device=device)
+                               for st, h in zip(states, has)])
+        else:
+            mus = torch.zeros(len(layers), device=device)
         numels = [stats.layer_numel(p) for p in layers] if stat else [1] * len(layers)
         deltas, new_mu, new_has = advance_deltas(settings, sums, numels, mus, has)
         ema = [i for i, st in enumerate(settings) if st.mode == "ema"]
@@ -459,9 +472,10 @@ class AdamHD(Optimizer):
                 ds = ds.to(device)
             else:
                 owners = None
-                local = stats.local
-                params, grads = [local(p) for p in ps], [local(p.grad) for p in ps]
-                m, v = [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states]
+                params, grads = list(ps), [p.grad for p in ps]
+                m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+                if type(stats).local is not LayerStats.local:  # e.g. DTensor shards
+                    params, grads, m, v = ([stats.local(t) for t in ts] for ts in (params, grads, m, v))
                 device = params[0].device
                 ds = group_delta.to(device) if setting is not None else None
             if not params:

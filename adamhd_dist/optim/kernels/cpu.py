@@ -271,15 +271,17 @@ def available(isa: str | None = None) -> bool:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset(_PLAIN)
 
 
 def _check_plain(name: str, tensors: Sequence[torch.Tensor]) -> None:
-    """The kernel reads raw storage: refuse, with a message, what has none it could read (a tensor subclass such as
-    a DTensor, a meta or sparse tensor) instead of handing it to native code."""
-    for i, t in enumerate(tensors):
-        if type(t) not in _PLAIN or t.layout != torch.strided or t.device.type != "cpu":
-            what = type(t).__name__ if type(t) not in _PLAIN else f"{t.layout} tensor on {t.device}"
-            raise TypeError(f"{name}[{i}]: the CPU kernel takes plain strided CPU tensors, got a {what}")
+    """The kernel reads raw storage: refuse, with a message, a tensor subclass (a DTensor, a fake or functional
+    tensor), whose storage is not its data, instead of handing it to native code (which checks device, layout,
+    dtype and sizes itself)."""
+    if set(map(type, tensors)) <= _PLAIN_TYPES:  # on every step's path: type identity only, in C
+        return
+    i, t = next((i, t) for i, t in enumerate(tensors) if type(t) not in _PLAIN)
+    raise TypeError(f"{name}[{i}]: the CPU kernel takes plain CPU tensors, got a {type(t).__name__}")
 
 
 def _per_tensor(name: str, values: Any, n: int) -> list[float]:
