@@ -61,8 +61,6 @@ class DTensorLayerStats(LayerStats):
             several sharded mesh dimensions on a mesh without ``mesh_dim_names``.
     """
 
-    kind = "DTensor parameters (FSDP2, HSDP, tensor parallel)"
-
     def __init__(self, optimizer=None):
         super().__init__()
         self._plan_key: tuple | None = None

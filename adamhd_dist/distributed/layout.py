@@ -236,7 +236,6 @@ class FlatLayerStats(LayerStats):
     per-group or per-sub-group inner steps)."""
 
     flat = True
-    kind = "flat per-rank buffers described by a FlatLayout"
 
     def __init__(self, layout: FlatLayout):
         super().__init__()

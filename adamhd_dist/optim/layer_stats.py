@@ -67,8 +67,6 @@ class LayerStats:
 
     #: True when the optimizer's tensors are flat buffers holding parts of many layers (see FlatLayerStats).
     flat = False
-    #: the kind of parameters this strategy is for, in messages
-    kind = "plain tensors (each parameter one whole layer on this process)"
 
     def __init__(self):
         self.optimizer = None
