@@ -235,7 +235,8 @@ def run_case(world, stage, steps=10, naive=False, zero_init=False, door="initial
     out = {"params": module_params(engine), "counts": counts, "layout": summary, "losses": losses,
            "optimizer": type(engine.optimizer).__name__}
     if not naive:
-        out.update(deltas=adamhd_dist.layer_deltas(engine), state=sharded_state(engine))
+        out.update(deltas=adamhd_dist.layer_deltas(engine), state=sharded_state(engine),
+                   deltas_of_zero_optimizer=adamhd_dist.layer_deltas(engine.optimizer))
     return out
 
 

@@ -148,7 +148,8 @@ def test_sharded_run_equals_single_process(world, label, world2, world3, ref):
     results = world2[0] if world == 2 else world3
     res = results[0]["fp32"][label]
     assert_matches_reference(res, ref, f"{label} at world size {world}")
-    # every rank reports the same δ for every layer
+    # every rank reports the same δ for every layer, from the engine or from its ZeRO optimizer
+    assert res["deltas_of_zero_optimizer"] == res["deltas"]
     for r in results[1:]:
         assert r["fp32"][label]["deltas"] == res["deltas"]
     # ONE collective for all layer statistics per training step, although the inner step runs more often

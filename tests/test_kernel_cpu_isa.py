@@ -156,3 +156,20 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(lock, (old, old))
     kcpu._drop_stale_lock(str(tmp_path))
     assert not lock.exists()
+
+
+def test_tensor_subclasses_never_reach_native_code():
+    """The kernel reads raw storage: a tensor subclass (a DTensor, a fake or functional tensor has no storage of its
+    data) is refused with a message, not handed to native code."""
+    import torch
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    plain = [torch.zeros(8) for _ in range(4)]
+    sub = torch.zeros(8).as_subclass(Wrapped)
+    with pytest.raises(TypeError, match=r"params\[0\].*Wrapped"):
+        kcpu.fused_adamhd_cpu_([sub], *([t] for t in plain[1:]), step_sizes=[1e-3], bc2_sqrts=[1.0], deltas=None,
+                               lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decay="prox")
+    with pytest.raises(TypeError, match=r"tensors\[1\].*Wrapped"):
+        kcpu.layer_abs_sums_cpu([plain[0], sub])
