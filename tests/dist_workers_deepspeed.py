@@ -292,6 +292,26 @@ def resume(world, stage, ckdir, tag="part", start=5, steps=10, **cfg_kw):
             "params": module_params(engine), "deltas": adamhd_dist.layer_deltas(engine)}
 
 
+def reload_rereads_statistic(world, stage, ckdir, **cfg_kw):
+    """Save at step 3, train 2 more, then roll the weights back with load_checkpoint(load_optimizer_states=False):
+    DeepSpeed writes the fp32 masters through .data (no version-counter bump), so the statistic the last update
+    left must not be trusted. Returns the largest relative difference between the sums the next step would use and
+    a fresh read of the loaded weights."""
+    init_dist()
+    engine, gas, micro = _engine(world, stage, **cfg_kw)
+    data = batches(5)
+    train(engine, data[:3], gas, micro)
+    engine.save_checkpoint(ckdir, tag="rollback")
+    train(engine, data[3:], gas, micro)
+    engine.load_checkpoint(ckdir, tag="rollback", load_optimizer_states=False)
+    stats = engine._adamhd_optimizer.layer_stats
+    lay = stats.layout
+    used = stats.layer_sums()
+    fresh = lay.local_sums()
+    fresh = lay.reduce(fresh) if lay.reduce is not None else fresh
+    return float(((used - fresh).abs() / fresh.abs().clamp_min(1e-30)).max())
+
+
 def low_precision_deltas(world, stage, steps=4, **cfg_kw):
     """bf16/fp16 training: before every optimizer step, gather the fp32 master weights and compute what δ must be
     (μ ← mean|θ| at the first step, then the EMA); after the step, compare with the engine's δ. Returns the
@@ -370,7 +390,7 @@ def fp16_overflow(world, stage, **cfg_kw):
             "steps": (steps_before, steps_after, steps_moved), "diff_next": maxdiff(after, moved)}
 
 
-def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), lowp=(), overflow=()):
+def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), lowp=(), overflow=(), reload=()):
     """Everything one launch at this world size checks (DeepSpeed engines are built one after another):
 
     - ``fp32``: ``(label, stage, kwargs)`` 10-step runs (see :func:`run_case`);
@@ -378,10 +398,11 @@ def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), low
     - ``same_world``: labels of ``save`` to load into a fresh engine here and train to step 10;
     - ``reshard``: ``(label, stage, kwargs)``: load ``ckpt_dir/label`` (written at another world size), train on;
     - ``lowp``: ``(label, stage, kwargs)`` for :func:`low_precision_deltas`;
-    - ``overflow``: ``(label, stage, kwargs)`` for :func:`fp16_overflow`.
+    - ``overflow``: ``(label, stage, kwargs)`` for :func:`fp16_overflow`;
+    - ``reload``: ``(label, stage, kwargs)`` for :func:`reload_rereads_statistic` (into ``ckpt_dir/label``).
     """
     init_dist()
-    out = {"fp32": {}, "save": {}, "resume": {}, "lowp": {}, "overflow": {}}
+    out = {"fp32": {}, "save": {}, "resume": {}, "lowp": {}, "overflow": {}, "reload": {}}
     for label, stage, kw in fp32:
         out["fp32"][label] = run_case(world, stage, **kw)
     specs = {label: (stage, kw) for label, stage, kw in save}
@@ -396,6 +417,8 @@ def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), low
         out["lowp"][label] = low_precision_deltas(world, stage, **kw)
     for label, stage, kw in overflow:
         out["overflow"][label] = fp16_overflow(world, stage, **kw)
+    for label, stage, kw in reload:
+        out["reload"][label] = reload_rereads_statistic(world, stage, os.path.join(ckpt_dir, label), **kw)
     return out
 
 

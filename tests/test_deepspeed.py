@@ -66,7 +66,7 @@ def world2(tmp_path_factory):
         world=2, fp32=STAGE_CASES + ATTACH_CASES + PLAIN_CASES + [("zero2_naive", 2, {"naive": True})],
         ckpt_dir=ck, save=SAVES,
         same_world=[label for label, _, _ in SAVES], lowp=LOWP,
-        overflow=[("fp16_zero2", 2, {}), ("fp16_zero3", 3, {})]))
+        overflow=[("fp16_zero2", 2, {}), ("fp16_zero3", 3, {})], reload=[("reload_zero2", 2, {})]))
     return out, ck
 
 
@@ -135,6 +135,19 @@ def test_attach_checks_the_deepspeed_version(monkeypatch):
     assert _compat.check_version() == "0.21.0"
     with pytest.raises(TypeError, match="no AdamHD"):
         ads.attach(object())
+
+
+def test_rolling_weights_back_rereads_the_statistic(world2):
+    """load_checkpoint(load_optimizer_states=False) writes the masters behind autograd's back: the next step's
+    statistic is read from the loaded weights, not kept from the last update."""
+    for rank in world2[0]:
+        assert rank["reload"]["reload_zero2"] <= 1e-12
+
+
+def test_attach_wants_the_engine_not_the_optimizer():
+    opt = adamhd_dist.AdamHD([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(TypeError, match=r"attach needs the DeepSpeed engine"):
+        ads.attach(opt)
 
 
 def test_attach_refuses_an_engine_without_adamhd():

@@ -33,6 +33,7 @@ def world2(tmp_path_factory):
              ("trainer_z2_offload", "trainer_ds", dict(world=2, stage=2, offload=True)),
              ("trainer_z2_no_callback", "trainer_ds", dict(world=2, stage=2, callback=False)),
              ("trainer_resume_z2", "trainer_ds_resume", dict(world=2, stage=2, outdir=str(ck / "z2"))),
+             ("trainer_resume_z3", "trainer_ds_resume", dict(world=2, stage=3, outdir=str(ck / "z3"))),
              ("accelerate_ds_z2", "accelerate_ds", dict(world=2, stage=2)),
              ("accelerate_ds_z3", "accelerate_ds", dict(world=2, stage=3)),
              ("accelerate_ds_z2_no_attach", "accelerate_ds", dict(world=2, stage=2, attach=False))]
@@ -102,10 +103,11 @@ def test_trainer_deepspeed_without_the_callback_refuses(world2):
         assert res["changed"] == 0.0  # no parameter moved
 
 
-def test_trainer_resume_keeps_mu(world2):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_resume_keeps_mu(world2, stage):
     """save_strategy="steps" every 3 steps, then train(resume_from_checkpoint="checkpoint-3") in a fresh Trainer:
     the resumed run ends bit for bit where the uninterrupted one does, μ of every layer included."""
-    for res in ok(world2, "trainer_resume_z2"):
+    for res in ok(world2, f"trainer_resume_z{stage}"):
         full, resumed = res["full"], res["resumed"]
         assert full["checkpoints"] == ["checkpoint-3", "checkpoint-6"]
         assert rel_err(resumed["params"], full["params"]) == 0.0

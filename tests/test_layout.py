@@ -288,6 +288,72 @@ def test_a_state_saved_over_other_partitions_is_refused():
     f0, f1 = fragments(half)
     numels = [torch.Size(s).numel() for s in SHAPES.values()]
     ps = late.param_groups[0]["params"]
-    with pytest.raises(ValueError, match="cut the layers differently"):
+    def attach():
         late.set_layer_stats(FlatLayerStats(FlatLayout(list(SHAPES), numels, [0, 0, 0], {ps[0]: f0, ps[1]: f1},
                                                        None)))
+
+    for _ in range(2):  # refused before anything changed: a retry is refused again
+        with pytest.raises(ValueError, match="cut the layers differently"):
+            attach()
+        assert late.layer_state is None and not late.layer_stats.flat
+
+
+def test_a_group_that_starts_needing_the_statistic_is_checked_again():
+    """A group stepped while it needed no statistic (weight decay warm-up at 0) held flat partitions legitimately;
+    once its weight decay turns on, the same partitions must be refused, not taken as layers."""
+    full = reference_params()
+    opt = adamhd_dist.AdamHD([torch.nn.Parameter(t.clone()) for t in full.values()], **dict(HP, weight_decay=0.0))
+    p0, p1, _ = split_into_partitions(full)
+    parts = (torch.nn.Parameter(p0), torch.nn.Parameter(p1))
+    opt.param_groups[0]["params"] = list(parts)
+    set_flat_grads(parts, grads(0))
+    opt.step()  # elementwise: fine
+    opt.param_groups[0]["weight_decay"] = 0.1
+    with pytest.raises(UnplacedTensorError):
+        opt.step()
+
+
+def test_a_decayed_tensor_outside_the_flat_layout_is_refused():
+    full = reference_params()
+    opt, parts, _ = make_flat_optimizer(full)
+    extra = torch.nn.Parameter(torch.ones(5))
+    opt.add_param_group({"params": [extra], "weight_decay": 0.1, "delta_mode": "constant", "delta": 0.5})
+    set_flat_grads(parts, grads(0))
+    extra.grad = torch.ones(5)
+    opt.begin_step()
+    with pytest.raises(UnplacedTensorError, match="not in the optimizer's flat layout"):
+        opt.step()
+
+
+def test_a_given_parameter_cut_into_a_shard_is_refused():
+    """FSDP1 (use_orig_params) keeps the Parameter objects and swaps their data for 1-D shards: a given tensor
+    whose shape changed is no longer the layer it was given as."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = adamhd_dist.AdamHD([w], lr=0.1, weight_decay=0.1)
+    w.grad = torch.ones(4, 4)
+    opt.step()
+    w.data = w.data.reshape(-1)[:8].clone()
+    w.grad = torch.ones(8)
+    with pytest.raises(UnplacedTensorError):
+        opt.step()
+    w._fsdp_flattened = True
+    with pytest.raises(UnplacedTensorError, match="FSDP1"):
+        opt.step()
+
+
+def test_replacements_of_the_trainable_parameters_are_placed():
+    """DeepSpeed's stage-0 fp16/bf16 optimizer keeps fp32 copies of the trainable, non-empty params only: a group
+    given with a frozen param holds fewer tensors, each still a whole layer in order."""
+    w, frozen, b = torch.randn(4, 4), torch.randn(3), torch.randn(2, 2)
+    given = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(frozen.clone(), requires_grad=False),
+             torch.nn.Parameter(b.clone())]
+    opt = adamhd_dist.AdamHD(given, lr=0.1, weight_decay=0.1)
+    ref_ps = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
+    ref = adamhd_dist.AdamHD(ref_ps, lr=0.1, weight_decay=0.1)
+    copies = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
+    opt.param_groups[0]["params"] = copies
+    for c, r in zip(copies, ref_ps):
+        c.grad, r.grad = torch.ones_like(c), torch.ones_like(r)
+    opt.step()
+    ref.step()
+    assert all(torch.equal(c, r) for c, r in zip(copies, ref_ps))

@@ -262,3 +262,46 @@ def test_statistic_follows_parameters_changed_between_steps(path):
             opt.invalidate_layer_stats()
             ref.params[0] = ref.params[0] * 0.5
     np.testing.assert_allclose(p.detach().double().numpy(), ref.params[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(how, tmp_path):
+    """copy.deepcopy((model, opt)) and torch.save/torch.load of the pair keep which tensors AdamHD was given: the
+    copy steps exactly as the original does (as a copied torch.optim.AdamW would)."""
+    import copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2))
+    opt = adamhd_dist.AdamHD(adamhd_dist.param_groups(model, weight_decay=0.1), lr=1e-2)
+    x = torch.randn(7, 6)
+    model(x).square().mean().backward()
+    opt.step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        torch.save((model, opt), tmp_path / "pair.pt")
+        model2, opt2 = torch.load(tmp_path / "pair.pt", weights_only=False)
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert adamhd_dist.layer_deltas(opt2) == adamhd_dist.layer_deltas(opt)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_layer_holding_nan_gets_no_decay_on_every_path(path):
+    """A NaN in θ makes the layer's mean |θ| NaN: its δ is 0 (no decay) on every path, the other elements step as
+    Adam, and nothing raises (one path used to raise, another to spread NaN through the decay)."""
+    w = torch.randn(4, 4)
+    w[0, 0] = float("nan")
+    p, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    opt = adamhd_dist.AdamHD([p], lr=0.1, weight_decay=0.5, **PATHS[path])
+    adam = adamhd_dist.AdamHD([ref], lr=0.1, weight_decay=0.0, foreach=False, fused=False)
+    g = torch.randn(4, 4)
+    p.grad, ref.grad = g.clone(), g.clone()
+    opt.step()
+    adam.step()
+    assert adamhd_dist.layer_deltas(opt)[0] == 0.0
+    finite = torch.isfinite(w)
+    torch.testing.assert_close(p.detach()[finite], ref.detach()[finite], rtol=1e-6, atol=1e-7)

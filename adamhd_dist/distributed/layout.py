@@ -215,6 +215,12 @@ class FlatLayout:
             at += n
         return out
 
+    def cuts(self) -> dict[int, list[tuple]]:
+        """``{engine index (else position in this layout): [(layer name, start, numel, offset), ...]}``: how this
+        rank's flat tensors cut the layers, comparable with :meth:`describe` of a saved state."""
+        return {self.engine_index.get(flat, i): [(self.names[f.layer], f.start, f.numel, f.offset) for f in frags]
+                for i, (flat, frags) in enumerate(self.fragments.items())}
+
     def describe(self, ordered_params: Sequence[Tensor]) -> dict[int, dict]:
         """``{i: {"engine_index", "numel", "fragments": [(layer name, start, numel, offset), ...]}}`` for the
         flat tensors among ``ordered_params`` (``i`` = position in that list, as in an optimizer state_dict)."""

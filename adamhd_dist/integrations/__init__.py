@@ -1,2 +1,3 @@
 """One module per foreign library, each importing that library only when used: :mod:`.deepspeed` (also reachable
-as ``adamhd_dist.deepspeed``), :mod:`.transformers` (the Trainer callback) and :mod:`.accelerate`."""
+as ``adamhd_dist.deepspeed``; Accelerate's DeepSpeed plugin uses its ``attach``) and :mod:`.transformers` (the
+Trainer callback). Accelerate's FSDP2 plugin needs nothing: AdamHD adopts the DTensors it swaps in."""

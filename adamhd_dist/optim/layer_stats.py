@@ -52,8 +52,9 @@ class UnplacedTensorError(RuntimeError):
 
 
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (checked without importing torch.distributed)."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local") and hasattr(t, "device_mesh")
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` or a subclass of it (checked without importing
+    torch.distributed)."""
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__) and hasattr(t, "to_local")
 
 
 class LayerStats:

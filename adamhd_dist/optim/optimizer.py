@@ -180,11 +180,13 @@ class AdamHD(Optimizer):
         self.__dict__.setdefault("layer_stats", LayerStats())
         # per-layer state of a flat strategy (μ by layer, world-size independent), else None
         self.__dict__.setdefault("layer_state", None)
-        # id(param) -> weakref: the tensors this optimizer was given (constructor, add_param_group), and per param
-        # group (by identity) the shapes it was given in order
+        # id(param) -> (weakref, shape): the tensors this optimizer was given (constructor, add_param_group), and
+        # per param group (by identity) the shapes it was given in order: all, and those an engine optimizes
+        # (trainable, not empty)
         self.__dict__.setdefault("_given", {})
         self.__dict__.setdefault("_given_shapes", {})
-        # id(param group) -> (ids, the tensors) found placed at its last step (checked again when they change)
+        # id(param group) -> (ids, whether it needs the statistic, shapes, the tensors) found placed at its last step;
+        # checked again when any of them changes
         self.__dict__.setdefault("_placed", {})
         self.__dict__.setdefault("_loaded_layer_state", None)
         # flat strategy, one training step: (reduced Σ|θ| per layer, δ setting per layer) from begin_step(), and the
@@ -194,12 +196,26 @@ class AdamHD(Optimizer):
         self.__dict__.setdefault("_last_deltas", {})
         self.__dict__.setdefault("_pending_nonfinite", [])
 
+    def __getstate__(self):
+        # copies and pickles keep which tensors were given (by position), so a copied optimizer steps as the original
+        state = super().__getstate__()
+        state["_adamhd_given"] = [[j for j, p in enumerate(g["params"]) if self._is_given(p)] for g in self.param_groups]
+        state["_adamhd_given_shapes"] = [self._given_shapes.get(id(g)) for g in self.param_groups]
+        return state
+
     def __setstate__(self, state):
+        state = dict(state)
+        given, shapes = state.pop("_adamhd_given", None), state.pop("_adamhd_given_shapes", None)
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._init_attributes()
+        for g, idx, sh in zip(self.param_groups, given or [], shapes or []):
+            for j in idx:
+                self._remember_given(g["params"][j])
+            if sh is not None:
+                self._given_shapes[id(g)] = sh
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -217,8 +233,9 @@ class AdamHD(Optimizer):
             self.param_groups.pop()
             raise
         for p in group["params"]:
-            self._given[id(p)] = weakref.ref(p)
-        self._given_shapes[id(group)] = [tuple(p.shape) for p in group["params"]]
+            self._remember_given(p)
+        self._given_shapes[id(group)] = ([tuple(p.shape) for p in group["params"]],
+                                         [tuple(p.shape) for p in group["params"] if p.requires_grad and p.numel()])
         if self.layer_stats.optimizer is self:
             self.layer_stats.bind(self)  # re-validate against the new group (e.g. a DTensor on another mesh)
         self._adopt_dtensors(group["params"])
@@ -233,6 +250,9 @@ class AdamHD(Optimizer):
         if not isinstance(stats, LayerStats):
             raise TypeError(f"layer_stats must be a LayerStats, got {type(stats).__name__}")
         stats.bind(self)
+        loaded = self._loaded_layer_state if stats.flat else None
+        if loaded is not None:  # a checkpoint loaded before the layout was known: refused before anything changes
+            _check_saved_layout(loaded[1], stats.layout)
         self.layer_stats = stats
         self._placed.clear()
         self._pending, self._layer_delta = None, None
@@ -242,11 +262,9 @@ class AdamHD(Optimizer):
         self.layer_state = LayerState(stats.layout.names, stats.layout.device)
         for flat in stats.layout.fragments:
             self._init_state(flat)
-        if self._loaded_layer_state is not None:  # a checkpoint loaded before the layout was known
-            layer_state, saved_layout = self._loaded_layer_state
+        if loaded is not None:
             self._loaded_layer_state = None
-            self._check_saved_layout(saved_layout)
-            self.layer_state.load_state_dict(layer_state, strict=False)
+            self.layer_state.load_state_dict(loaded[0], strict=False)
 
     def _adopt_dtensors(self, params) -> None:
         """Set up the DTensor strategy when DTensor parameters appear (given, or swapped in place by an engine)."""
@@ -257,51 +275,75 @@ class AdamHD(Optimizer):
                                           "(import adamhd_dist before building the optimizer)")
             self.set_layer_stats(stats)
 
+    def _remember_given(self, p: Tensor) -> None:
+        self._given[id(p)] = (weakref.ref(p), tuple(p.shape))
+
     def _is_given(self, p: Tensor) -> bool:
-        ref = self._given.get(id(p))
-        return ref is not None and ref() is p
+        """``p`` is a tensor this optimizer was given, still of the shape it had then (an engine that swaps a
+        parameter's data for a shard of it, as FSDP1 does, makes it another tensor)."""
+        hit = self._given.get(id(p))
+        return hit is not None and hit[0]() is p and hit[1] == tuple(p.shape)
 
     def _check_placement(self, work) -> None:
         """Refuse to step a tensor whose layer statistic would be wrong. A tensor is placed when it is one this
-        optimizer was given, one its strategy places (a flat partition of a layout), a DTensor (adopted here: an
-        engine swapped it in place), or a whole-layer replacement: it has the shape of the tensor given at its
-        position in the same param group, the group holding as many tensors as given (an engine's fp32 master
-        copies, e.g. DeepSpeed's stage-0 fp16/bf16 optimizer) — it then holds every element of that one layer."""
+        optimizer was given (of its shape then), one its strategy places (a flat partition of a layout), a DTensor
+        (adopted here: an engine swapped it in place), or a whole-layer replacement: it has the shape of the tensor
+        given at its position in the same param group, the group holding as many tensors as given, or as many as
+        were given trainable and not empty (an engine's fp32 master copies, e.g. DeepSpeed's stage-0 fp16/bf16
+        optimizer) — it then holds every element of that one layer. Under a flat layout, a decayed group's tensors
+        must be the layout's."""
         stats = self.layer_stats
         for group, ps, _ in work:
-            ids = tuple(map(id, ps))
-            last = self._placed.get(id(group))
-            if last is not None and last[0] == ids:  # the same tensors as at the last step (kept alive: no id reuse)
-                continue
             setting = delta_setting(group)
+            needs = setting is not None and setting.needs_statistic
+            key = (tuple(map(id, ps)), needs, [p.shape for p in ps])
+            last = self._placed.get(id(group))
+            if last is not None and last[:3] == key:  # as at the last step (tensors kept alive: no id reuse)
+                continue
             shapes = None
             for p in ps:
-                if self._is_given(p) or stats.places(p):
+                if getattr(p, "_fsdp_flattened", False):  # FSDP1 (use_orig_params): the given param now a shard
+                    raise UnplacedTensorError(f"params: {FSDP1_MESSAGE}")
+                if stats.places(p):
+                    continue
+                if stats.flat and setting is not None:
+                    raise self._unplaced(group, p, "a decayed param group holds a tensor that is not in the "
+                                                   "optimizer's flat layout (added after attach?)")
+                if self._is_given(p):
                     continue
                 if is_dtensor(p):
                     self._adopt_dtensors([p])
-                    self._given[id(p)] = weakref.ref(p)
+                    self._remember_given(p)
                     stats = self.layer_stats
                     if stats.flat:
                         raise UnplacedTensorError("AdamHD has a flat layout and DTensor parameters at once")
                     continue
-                if setting is None or not setting.needs_statistic:
+                if not needs:
                     continue  # elementwise only: exact on any piece of a layer
                 if shapes is None:
-                    given = self._given_shapes.get(id(group))
-                    current = group["params"]
-                    shapes = {id(q): given[j] for j, q in enumerate(current)} \
-                        if given is not None and len(given) == len(current) else {}
+                    shapes = self._replacement_shapes(group)
                 if shapes.get(id(p)) == tuple(p.shape):
                     continue
-                gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-                raise UnplacedTensorError(
-                    f"AdamHD was asked to step a tensor of shape {tuple(p.shape)} ({p.numel():,} elements) in param "
-                    f"group {gi} that it was not given and cannot place in a layer, so it cannot compute that "
-                    f"layer's Huber threshold δ (delta_mode={group['delta_mode']!r} needs each layer's mean |θ| "
-                    f"over the whole layer). This is what an engine that flattens or partitions parameters hands "
-                    f"the optimizer (DeepSpeed ZeRO, its BF16 optimizer). Fix:\n{UNPLACED_FIXES}")
-            self._placed[id(group)] = (ids, ps)
+                raise self._unplaced(group, p, "it was not given and cannot be placed in a layer")
+            self._placed[id(group)] = (*key, ps)
+
+    def _replacement_shapes(self, group) -> dict[int, tuple]:
+        """{id(tensor): the shape given at its position} when the group holds as many tensors as were given (or as
+        were given trainable and not empty); else {}."""
+        given = self._given_shapes.get(id(group))
+        current = group["params"]
+        for shapes in given or ():
+            if len(shapes) == len(current):
+                return {id(q): shape for q, shape in zip(current, shapes)}
+        return {}
+
+    def _unplaced(self, group, p: Tensor, why: str) -> UnplacedTensorError:
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return UnplacedTensorError(
+            f"AdamHD was asked to step a tensor of shape {tuple(p.shape)} ({p.numel():,} elements) in param group "
+            f"{gi}: {why}, so it cannot compute that layer's Huber threshold δ (delta_mode={group['delta_mode']!r} "
+            f"needs each layer's mean |θ| over the whole layer). This is what an engine that flattens or partitions "
+            f"parameters hands the optimizer (DeepSpeed ZeRO, its BF16 optimizer). Fix:\n{UNPLACED_FIXES}")
 
     # ----------------------------------------------------------------------------------------------------------
     # state
@@ -558,26 +600,13 @@ class AdamHD(Optimizer):
             self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
         self._last_deltas = {}
         self._pending, self._layer_delta = None, None
+        self._placed.clear()
         if layer_state is not None or saved_layout is not None:
             if self.layer_state is not None:
-                self._check_saved_layout(saved_layout)
+                _check_saved_layout(saved_layout, self.layer_stats.layout)
                 self.layer_state.load_state_dict(layer_state or {}, strict=False)
             else:
                 self._loaded_layer_state = (layer_state or {}, saved_layout)
-
-    def _check_saved_layout(self, saved: dict | None) -> None:
-        """A state saved over flat partitions holds each partition's moments: it loads only where the layers are cut
-        the same way (a checkpoint of another world size goes through the engine adapter, which reshards it)."""
-        if saved is None:
-            return
-        ordered = [p for g in self.param_groups for p in g["params"]]
-        now = self.layer_stats.layout.describe(ordered)
-        if {int(k): v["fragments"] for k, v in saved.items()} != {k: v["fragments"] for k, v in now.items()}:
-            raise ValueError(
-                "this optimizer state was saved over flat partitions that cut the layers differently (another "
-                "world size, ZeRO stage or bucket setting): its moments would land on the wrong elements. Load it "
-                "with engine.load_checkpoint after adamhd_dist.deepspeed.attach(engine), which reshards it, or "
-                "read it with `python -m adamhd_dist.deepspeed export`")
 
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only; one layer per param)."""
@@ -588,6 +617,27 @@ class AdamHD(Optimizer):
                 expanded.update(zip(ps, ds.tolist()))
             self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}
+
+
+def _check_saved_layout(saved: dict | None, layout) -> None:
+    """A state saved over flat partitions holds each partition's moments: it loads only where the layers are cut
+    the same way (a checkpoint of another world size goes through the engine adapter, which reshards it). The
+    partitions are matched by their index in the engine's own list (independent of what the param groups hold at
+    the moment: ZeRO-3 empties them between its sub-group steps)."""
+    if saved is None:
+        return
+
+    def norm(frags):
+        return [tuple(f) for f in frags]
+
+    then = {v["engine_index"] if v.get("engine_index") is not None else int(k): norm(v["fragments"])
+            for k, v in saved.items()}
+    if then != layout.cuts():
+        raise ValueError(
+            "this optimizer state was saved over flat partitions that cut the layers differently (another world "
+            "size, ZeRO stage or bucket setting): its moments would land on the wrong elements. Load it with "
+            "engine.load_checkpoint after adamhd_dist.deepspeed.attach(engine), which reshards it, or read it with "
+            "`python -m adamhd_dist.deepspeed export`")
 
 
 class LayerState:

@@ -5,7 +5,8 @@ is a local sum. Under sharding each rank holds part of θ, so the step is done i
 
 1. :func:`layer_abs_sums` — local partial sums ``Σ|θ_local|`` for every layer, in one call;
 2. a reduction of the stacked partial sums across the ranks that shard the layers — ONE collective for all
-   layers, issued by the engine integration, never one per tensor;
+   layers, by the optimizer's layer-statistic strategy (:mod:`adamhd_dist.optim.layer_stats`), never one per
+   tensor;
 3. :func:`advance_deltas` — ``s = sum / numel`` with the layer's true numel, then δ (and μ) from the rule below,
    for every layer at once whatever rule each layer's param group asks for. This is the one place the optimizer
    computes δ, whatever the sharding; :func:`current_delta` is the one place δ is read back for reporting.
@@ -144,7 +145,7 @@ def update_deltas(
     numels_t = numels.to(device, torch.float64) if isinstance(numels, Tensor) else _numel_tensor(tuple(numels), device)
     s = sums.to(torch.float64) / numels_t.clamp_min(1.0)
     if mode == "mean_abs":
-        return (scale * s).to(torch.float32), None
+        return _no_nan((scale * s).to(torch.float32)), None
     if mode != "ema":
         raise ValueError(f"delta_mode must be one of {DELTA_MODES}, got {mode!r}")
     if mus is None or has_mu is None:
@@ -161,7 +162,13 @@ def update_deltas(
 
 def ema_delta(mu: Tensor, scale: float) -> Tensor:
     """δ = c·μ of the ``"ema"`` rule, from the stored fp32 μ (fp64 product, rounded to fp32 once)."""
-    return (scale * mu.to(torch.float64)).to(torch.float32)
+    return _no_nan((scale * mu.to(torch.float64)).to(torch.float32))
+
+
+def _no_nan(delta: Tensor) -> Tensor:
+    """A layer whose θ holds NaN has no threshold: δ = 0 (no decay) on every path and in every report, instead of NaN
+    spreading through the decay; an infinite mean keeps δ = inf (L2 decay)."""
+    return torch.nan_to_num(delta, nan=0.0, posinf=float("inf"))
 
 
 def advance_deltas(
@@ -184,7 +191,7 @@ def advance_deltas(
     Returns:
         ``(deltas, new_mus, new_has_mu)``: fp32 ``(L,)`` δ, fp32 ``(L,)`` μ after this step (advanced for
         ``"ema"`` layers, unchanged elsewhere), and bool ``(L,)`` whether each layer has a μ now; all on
-        ``mus``' device.
+        ``mus``' device. A layer whose statistic is NaN (its θ holds NaN) gets δ = 0: no decay.
     """
     device = mus.device
     n = len(settings)

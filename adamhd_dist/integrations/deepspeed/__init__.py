@@ -212,6 +212,9 @@ def _resolve(obj, module):
             engine = candidate
             break
     opt = find_adamhd(engine if engine is not None else obj)
+    if engine is None and obj is opt:
+        raise TypeError("attach needs the DeepSpeed engine (or DeepSpeed's optimizer wrapper and module=...), not "
+                        "the AdamHD inside it: adamhd_dist.deepspeed.attach(engine)")
     # the object whose .optimizer is the AdamHD: DeepSpeed's wrapper (or the engine itself at stage 0 in fp32)
     holder = engine if engine is not None else obj
     while getattr(holder, "optimizer", None) is not opt:
@@ -367,7 +370,7 @@ def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq"
     for key in keys:
         buf = lay.scatter_local(lambda flat: flat if key == "param" else opt.state.get(flat, {}).get(key))
         if dist.get_world_size(group=group) > 1:
-            dist.all_reduce(buf, group=group)
+            buf = _all_reduce_fn(group)(buf)  # a CPU buffer goes through the GPU under NCCL
         for name, t in lay.split_layers(buf).items():
             out[name][key] = t
     for name, st in opt.layer_state.state_dict().items():

@@ -23,9 +23,9 @@ from typing import Any
 from torch import Tensor
 
 __all__ = ["TESTED", "VERSION_ENV", "check_version", "ZeroKind", "zero_kind", "Stage12View", "stage12_view",
-           "Stage3SubGroup", "stage3_view", "unfused_copies", "dp_group", "engine_counters", "set_engine_counters",
+           "Stage3SubGroup", "stage3_view", "unfused_copies", "dp_group", "set_engine_counters",
            "refresh_low_precision", "write_frozen_partition", "saved_partitions", "frozen_fragments",
-           "is_engine", "partition_numel", "whole_numel", "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
+           "is_engine", "whole_numel", "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
 
 #: DeepSpeed versions whose internals this module reads (tested: 0.19.8); the same range as pyproject's extra
 TESTED = ">=0.19,<0.20"
@@ -179,10 +179,6 @@ def write_frozen_partition(p: Tensor, full: Tensor, rank: int) -> None:
     p.ds_tensor.data.view(-1)[:part.numel()].copy_(part.to(p.ds_tensor.dtype))
 
 
-def partition_numel(p: Tensor) -> int:
-    return int(p.partition_numel())
-
-
 def whole_numel(p: Tensor) -> int:
     """A ZeRO-3 param's whole numel (its own shape is (0,) while partitioned)."""
     return int(p.ds_numel)
@@ -190,13 +186,6 @@ def whole_numel(p: Tensor) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # engine counters and checkpoint files
-_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
-
-
-def engine_counters(engine: Any) -> dict[str, int]:
-    return {k: getattr(engine, k) for k in _COUNTERS}
-
-
 def set_engine_counters(engine: Any, saved: dict, loaded_dp_world_size) -> None:
     """Restore the step counters from a model-states file's dict (as DeepSpeed's own load does)."""
     engine.global_steps = saved["global_steps"]

@@ -57,6 +57,8 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
         return out
 
     def load_checkpoint(load_dir, tag=None, *args, **kwargs):
+        # every load may write the fp32 masters through .data (no version-counter bump): re-read the statistic
+        opt.invalidate_layer_stats()
         if tag is None:
             latest = Path(load_dir) / "latest"
             if not latest.is_file():
@@ -82,6 +84,7 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
             out = load(load_dir, tag, *args, **kwargs)
         if out[0] is not None and side is not None and wants_optim:
             opt.layer_state.load_state_dict(side["layer_state"])
+        opt.invalidate_layer_stats()
         return out
 
     engine.save_checkpoint = save_checkpoint
@@ -195,6 +198,7 @@ def reshard_optimizer_state(engine, opt: AdamHD, tag_dir: Path) -> None:
         opt.state[flat]["step"] = torch.tensor(step, dtype=torch.float32)
     opt.layer_state.load_state_dict(layer_state, strict=False)
     _compat.refresh_low_precision(engine.optimizer)
+    opt.invalidate_layer_stats()  # the masters were written through .data
 
 
 @torch.no_grad()
