@@ -28,7 +28,6 @@ BAD = [
     (dict(delta_mode="constant", delta=float("nan")), "delta", ">= 0"),
     (dict(delta=0.5), "delta", "only used with delta_mode='constant'"),
     (dict(bias_correction="yes"), "bias_correction", "True or False"),
-    (dict(foreach=True, fused=True), "foreach/fused", "choose one"),
     (dict(fused="auto"), "fused", "None, True or False"),
 ]
 
@@ -47,6 +46,12 @@ def test_bad_hyperparameter_in_added_group_is_named_and_not_kept(kwargs, name, a
     with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("]", r"\]")):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], **kwargs})
     assert len(opt.param_groups) == 1
+
+
+def test_foreach_and_fused_together_is_torchs_error_naming_both():
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together") as err:
+        AdamHD([torch.nn.Parameter(torch.zeros(2))], foreach=True, fused=True)
+    assert "foreach/fused" in str(err.value) and "choose one" in str(err.value)
 
 
 def test_valid_edge_values_are_accepted():

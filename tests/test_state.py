@@ -1,6 +1,7 @@
 """State: checkpoints, switching from AdamW, added groups, bf16, schedulers, compiled models, non-finite grads."""
 
 import copy
+import math
 import io
 
 import numpy as np
@@ -101,12 +102,24 @@ def test_adamw_checkpoint_continues_as_adamhd(path):
     assert float(oh.state[params[0]]["step"]) == 6.0 and "delta_ema" in oh.state[params[0]]
 
 
-def test_adamw_amsgrad_state_is_refused():
-    m = _model()
-    ow = torch.optim.AdamW(m.parameters(), amsgrad=True)
-    _train(m, ow, 1, seed=0)
-    with pytest.raises(ValueError, match="amsgrad"):
-        AdamHD(m.parameters()).load_state_dict(ow.state_dict())
+@pytest.mark.parametrize("path", list(PATHS))
+def test_adamw_amsgrad_state_continues_as_adamw(path):
+    """An AdamW amsgrad state (max_exp_avg_sq) loads and, with the clip form and δ = inf, continues as AdamW."""
+    m, m2 = _model(), _model()
+    ow = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True)
+    _train(m, ow, 3, seed=0)
+    m2.load_state_dict(m.state_dict())
+    oh = AdamHD(m2.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=True, decay="clip", delta_mode="constant",
+                delta=math.inf, **PATHS[path])
+    oh.load_state_dict(copy.deepcopy(ow.state_dict()))  # torch's load keeps the given tensors: no sharing
+    for q in m2.parameters():
+        assert torch.equal(oh.state[q]["max_exp_avg_sq"], ow.state[dict(zip(m2.parameters(), m.parameters()))[q]]
+                           ["max_exp_avg_sq"])
+    _train(m, ow, 3, seed=1)
+    _train(m2, oh, 3, seed=1)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert set(oh.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -33,9 +33,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .huber import huber_clip_, huber_prox_
+from .huber import huber_clip_, huber_clip_foreach_, huber_prox_, huber_prox_foreach_
 
-__all__ = ["adamhd", "bias_corrections", "default_path", "DECAYS"]
+__all__ = ["adamhd", "bias_corrections", "default_path", "check_path", "DECAYS"]
 
 DECAYS = ("prox", "clip")
 
@@ -100,6 +100,43 @@ def default_path(params: Sequence[Tensor], foreach: bool | None, fused: bool | N
     return "foreach"
 
 
+def capturable_devices() -> list[str]:
+    """The device types a capturable step runs on outside the fused path (torch.optim's list)."""
+    from torch.optim.optimizer import _get_capturable_supported_devices
+
+    return _get_capturable_supported_devices(supports_xla=False)
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def check_path(path: str, params: Sequence[Tensor], steps=(), *, capturable: bool = False,
+               differentiable: bool = False) -> None:
+    """Raise, in torch.optim's words, what the chosen path cannot do for these tensors, before anything is written
+    (a step that raises changes nothing)."""
+    if path == "fused":
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        for p in params:
+            check_fused_param(p)
+        return
+    if path == "foreach" and differentiable:
+        raise AssertionError("_foreach ops don't support autograd")
+    if capturable:
+        devices = capturable_devices()
+        for p, s in zip(params, steps):
+            if not (isinstance(s, Tensor) and p.device.type == s.device.type and p.device.type in devices):
+                raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: "
+                                     f"{devices}.")
+
+
+def check_fused_param(p: Tensor) -> None:
+    """torch.optim's check of a parameter for ``fused=True`` (a supported device, a floating-point dtype)."""
+    if not (p.device.type in FUSED_DEVICES and torch.is_floating_point(p)):
+        raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                           f"supported devices: {list(FUSED_DEVICES)} but {p.dtype} and {p.device.type}")
+
+
 _warned_fallback = False
 
 
@@ -131,6 +168,11 @@ def adamhd(
     fused: bool | None = None,
     grad_scale: Tensor | float | None = None,
     abs_sums_out: Tensor | None = None,
+    max_exp_avg_sqs: list[Tensor] | None = None,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    capturable: bool = False,
+    differentiable: bool = False,
     lr: float,
     beta1: float,
     beta2: float,
@@ -144,7 +186,14 @@ def adamhd(
     ``abs_sums_out``, when given (fp64, one entry per tensor), receives ``Σ|θ|`` of each tensor AFTER the update —
     the next step's layer statistic. The fused kernels get it from the same pass over the data: the C++ kernel
     bitwise equal to :func:`adamhd_dist.optim.stats.layer_abs_sums` of the updated CPU tensors; the Triton kernel as
-    per-chunk fp32 sums combined with atomic adds (equal to a separate read up to the order of the additions)."""
+    per-chunk fp32 sums combined with atomic adds (equal to a separate read up to the order of the additions).
+
+    AdamW's options have AdamW's meaning on every path: ``amsgrad`` (``max_exp_avg_sqs`` keeps the running maximum
+    of ``v`` and the denominator uses it; ``fused=True`` computes it with the foreach ops, the kernels have no
+    amsgrad form), ``maximize`` (the gradient's sign is flipped; the fused kernels divide by ``-grad_scale``, which
+    is exact), ``capturable`` (``steps`` are 0-d tensors on the parameters' device and the bias corrections are
+    computed there without a host read; on the CPU only the fused path accepts it, as torch's AdamW), and
+    ``differentiable`` (the loop path only, autograd recording the update, without masking non-finite elements)."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
@@ -156,12 +205,18 @@ def adamhd(
         raise ValueError(f"deltas must have one entry per tensor ({n}), got {len(deltas)}")
     if abs_sums_out is not None and abs_sums_out.shape != (n,):
         raise ValueError(f"abs_sums_out must have shape ({n},), got {tuple(abs_sums_out.shape)}")
+    if amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != n):
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs, one per tensor")
     device = params[0].device if n else torch.device("cpu")
     if n == 0:
         return torch.zeros((), dtype=torch.int64, device=device)
-    path = default_path(params, foreach, fused)
+    path = "loop" if differentiable and not foreach and not fused else default_path(params, foreach, fused)
+    check_path(path, params, steps, capturable=capturable, differentiable=differentiable)
     kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-              bias_correction=bias_correction, grad_scale=grad_scale)
+              bias_correction=bias_correction, grad_scale=grad_scale, maximize=maximize,
+              max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else None, capturable=capturable)
+    if path == "loop":
+        kw["differentiable"] = differentiable
     if path == "fused":
         return _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, abs_sums_out=abs_sums_out, **kw)
     impl = _single_tensor_adamhd if path == "loop" else _multi_tensor_adamhd
@@ -187,10 +242,30 @@ def _grad_scale_value(grad_scale):
     return float(grad_scale.item()) if isinstance(grad_scale, Tensor) else float(grad_scale)
 
 
+def _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction):
+    """Per-tensor ``(step_size, sqrt(bias_correction2))`` as 0-d tensors on each step's device (capturable: no
+    host read), in the step counter's dtype as torch.optim's capturable paths compute them."""
+    if not bias_correction:
+        return [torch.as_tensor(lr, dtype=s.dtype, device=s.device) for s in steps], [None] * len(steps)
+    t = torch.stack([s.detach() for s in steps])
+    ss = lr / (1.0 - torch.pow(beta1, t))
+    bc = torch.sqrt(1.0 - torch.pow(beta2, t))
+    return list(ss.unbind(0)), list(bc.unbind(0))
+
+
 def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
-                          weight_decay, decay, bias_correction, grad_scale):
+                          weight_decay, decay, bias_correction, grad_scale, max_exp_avg_sqs=None, maximize=False,
+                          capturable=False, differentiable=False):
     """The reference: one tensor at a time, every intermediate in fp32 (fp64 for an fp64 parameter), easy to read."""
-    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    if differentiable:
+        return _differentiable_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, lr=lr, beta1=beta1,
+                                      beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+                                      bias_correction=bias_correction, grad_scale=grad_scale,
+                                      max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, capturable=capturable)
+    if capturable:
+        step_sizes, bc2_sqrts = _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    else:
+        step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     delta_list = _delta_list(deltas, len(params))
     scale = _grad_scale_value(grad_scale)
     tau = lr * weight_decay
@@ -198,6 +273,8 @@ def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *
     for i, param in enumerate(params):
         ct = _compute_dtype(param)
         g = grads[i].to(ct, copy=True)
+        if maximize:
+            g.neg_()
         if scale is not None:
             g.div_(scale)
         x = param.detach().to(ct, copy=True)
@@ -207,10 +284,19 @@ def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *
 
         m.lerp_(g, 1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = (v.sqrt() / bc2_sqrts[i]).add_(eps)
+        vmax = None
+        if max_exp_avg_sqs is not None:
+            vmax = torch.maximum(max_exp_avg_sqs[i].to(ct), v)
+        denom = (vmax if vmax is not None else v).sqrt()
+        if bc2_sqrts[i] is not None:
+            denom = denom / bc2_sqrts[i]
+        denom.add_(eps)
         if decay == "clip":
             huber_clip_(x, tau, delta)
-        x.addcdiv_(m, denom, value=-step_sizes[i])
+        if capturable:
+            x.sub_((m / denom).mul_(step_sizes[i]))
+        else:
+            x.addcdiv_(m, denom, value=-step_sizes[i])
         if decay == "prox":
             huber_prox_(x, tau, delta)
 
@@ -220,10 +306,51 @@ def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *
             x = torch.where(finite, x, param.detach().to(ct))
             m = torch.where(finite, m, exp_avgs[i].to(ct))
             v = torch.where(finite, v, exp_avg_sqs[i].to(ct))
+            if vmax is not None:
+                vmax = torch.where(finite, vmax, max_exp_avg_sqs[i].to(ct))
         param.detach().copy_(x)
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
+        if vmax is not None:
+            max_exp_avg_sqs[i].copy_(vmax)
     return torch.tensor(skipped, dtype=torch.int64, device=params[0].device)
+
+
+def _differentiable_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
+                           weight_decay, decay, bias_correction, grad_scale, max_exp_avg_sqs, maximize, capturable):
+    """The loop as autograd can record it (``differentiable=True``, as torch.optim.AdamW's): in place on the
+    parameter and the state in their own dtype, no copies, no masking. δ is a constant of the update (the layer
+    statistic is read without gradient)."""
+    if capturable:
+        step_sizes, bc2_sqrts = _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    else:
+        step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    delta_list = _delta_list(deltas, len(params))
+    scale = _grad_scale_value(grad_scale)
+    tau = lr * weight_decay
+    for i, param in enumerate(params):
+        g = -grads[i] if maximize else grads[i]
+        if scale is not None:
+            g = g / scale
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        if max_exp_avg_sqs is not None:
+            vmax = max_exp_avg_sqs[i]
+            vmax.copy_(torch.maximum(vmax, v))
+            denom = vmax.sqrt()
+        else:
+            denom = v.sqrt()
+        if bc2_sqrts[i] is not None:
+            denom = denom / bc2_sqrts[i]
+        denom = denom + eps
+        delta = delta_list[i]
+        if decay == "clip" and tau != 0.0:
+            param.sub_(torch.clamp(param, -delta, delta), alpha=tau)
+        param.sub_(m / denom * step_sizes[i])
+        if decay == "prox" and tau != 0.0:
+            param.sub_(torch.clamp(param / (1.0 + tau), -delta, delta), alpha=tau)
+    return torch.zeros((), dtype=torch.int64, device=params[0].device)
 
 
 def _compute_dtype(p: Tensor) -> torch.dtype:
@@ -232,10 +359,13 @@ def _compute_dtype(p: Tensor) -> torch.dtype:
 
 
 def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
-                         weight_decay, decay, bias_correction, grad_scale):
+                         weight_decay, decay, bias_correction, grad_scale, max_exp_avg_sqs=None, maximize=False,
+                         capturable=False):
     """``torch._foreach_*`` over the whole list (one pass per compute dtype: fp64 parameters are updated in fp64,
     the rest in fp32). Tensors whose gradient has a non-finite element take the reference path (which masks those
     elements); this costs one extra read of the gradients."""
+    kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+              bias_correction=bias_correction, grad_scale=grad_scale, maximize=maximize, capturable=capturable)
     wide = [i for i, p in enumerate(params) if p.dtype == torch.float64]
     if wide and len(wide) < len(params):
         narrow = [i for i in range(len(params)) if params[i].dtype != torch.float64]
@@ -244,13 +374,11 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
             pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
             d = None if deltas is None else pick(_delta_list(deltas, len(params)))
             n_bad = _multi_tensor_adamhd(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                                         pick(list(steps)), d, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                         weight_decay=weight_decay, decay=decay, bias_correction=bias_correction,
-                                         grad_scale=grad_scale)
+                                         pick(list(steps)), d, max_exp_avg_sqs=None if max_exp_avg_sqs is None
+                                         else pick(max_exp_avg_sqs), **kw)
             skipped = n_bad if skipped is None else skipped + n_bad
         return skipped
     n = len(params)
-    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
     delta_list = _delta_list(deltas, n)
     tau = lr * weight_decay
     device = params[0].device
@@ -262,12 +390,16 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
     if bad:
         pick = lambda xs: [xs[i] for i in bad]  # noqa: E731
         skipped = skipped + _single_tensor_adamhd(
-            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(list(steps)),
-            pick(delta_list), lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decay=decay, bias_correction=bias_correction, grad_scale=grad_scale).to(device)
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(list(steps)), pick(delta_list),
+            max_exp_avg_sqs=None if max_exp_avg_sqs is None else pick(max_exp_avg_sqs), **kw).to(device)
     good = [i for i in range(n) if finite[i]]
     if not good:
         return skipped
+    if capturable:
+        step_sizes, bc2_sqrts = _tensor_bias_corrections([steps[i] for i in good], lr, beta1, beta2,
+                                                         bias_correction)
+    else:
+        step_sizes, bc2_sqrts = bias_corrections([steps[i] for i in good], lr, beta1, beta2, bias_correction)
 
     # Work in the compute dtype (fp32, or fp64 for fp64 parameters); storage of another dtype gets copies that are
     # written back at the end.
@@ -279,32 +411,43 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
     ps = [params[i] for i in good]
     ms_store = [exp_avgs[i] for i in good]
     vs_store = [exp_avg_sqs[i] for i in good]
+    vmax_store = None if max_exp_avg_sqs is None else [max_exp_avg_sqs[i] for i in good]
     x, m, v = work(ps), work(ms_store), work(vs_store)
     g = [grads[i].detach().to(ct) for i in good]
+    if maximize:
+        g = torch._foreach_neg(g)
     if grad_scale is not None:
         g = torch._foreach_div(g, grad_scale if not isinstance(grad_scale, Tensor) else grad_scale.item())
     ds = [delta_list[i] for i in good]
-    neg_ds = [-d for d in ds]
 
     torch._foreach_lerp_(m, g, 1.0 - beta1)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, [bc2_sqrts[i] for i in good])
-    torch._foreach_add_(denom, eps)
-    if decay == "clip" and tau != 0.0:
-        c = torch._foreach_clamp_max(x, ds)
-        torch._foreach_clamp_min_(c, neg_ds)
-        torch._foreach_add_(x, c, alpha=-tau)
-    torch._foreach_addcdiv_(x, m, denom, [-step_sizes[i] for i in good])
-    if decay == "prox" and tau != 0.0:
-        c = torch._foreach_div(x, 1.0 + tau)
-        torch._foreach_clamp_max_(c, ds)
-        torch._foreach_clamp_min_(c, neg_ds)
-        torch._foreach_add_(x, c, alpha=-tau)
+    vmax = None
+    if vmax_store is not None:
+        vmax = work(vmax_store)
+        torch._foreach_maximum_(vmax, v)
+    denom = torch._foreach_sqrt(vmax if vmax is not None else v)
+    if capturable:
+        if bias_correction:
+            torch._foreach_div_(denom, bc2_sqrts)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, torch._foreach_neg(step_sizes))
+    else:
+        torch._foreach_div_(denom, bc2_sqrts)
+        torch._foreach_add_(denom, eps)
+    if decay == "clip":
+        huber_clip_foreach_(x, tau, ds)
+    if capturable:
+        torch._foreach_addcdiv_(x, m, denom)
+    else:
+        torch._foreach_addcdiv_(x, m, denom, [-s for s in step_sizes])
+    if decay == "prox":
+        huber_prox_foreach_(x, tau, ds)
 
-    for store, computed in ((ps, x), (ms_store, m), (vs_store, v)):
-        pairs = [(s, w) for s, w in zip(store, computed) if s.dtype != ct]
+    stores = [(ps, x), (ms_store, m), (vs_store, v)] + ([(vmax_store, vmax)] if vmax is not None else [])
+    for store, computed in stores:
+        pairs = [(s, w) for s, w in zip(store, computed) if s is not w and s.dtype != ct]
         if pairs:
             torch._foreach_copy_([s.detach() for s, _ in pairs], [w for _, w in pairs])
     return skipped
@@ -330,10 +473,33 @@ def _group_by_kind(params, grads, exp_avgs, exp_avg_sqs):
 
 
 def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
-                  weight_decay, decay, bias_correction, grad_scale, abs_sums_out=None):
-    """One kernel call per (device, dtypes) bucket — one in the usual case — whatever the number of layers."""
-    step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+                  weight_decay, decay, bias_correction, grad_scale, abs_sums_out=None, max_exp_avg_sqs=None,
+                  maximize=False, capturable=False):
+    """One kernel call per (device, dtypes) bucket — one in the usual case — whatever the number of layers.
+    ``maximize``: the kernels divide the gradient by ``-grad_scale`` (a sign flip, exact). ``amsgrad``: the foreach
+    path (the kernels keep no running maximum)."""
+    if max_exp_avg_sqs is not None:
+        skipped = _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, lr=lr, beta1=beta1,
+                                       beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
+                                       bias_correction=bias_correction, grad_scale=grad_scale,
+                                       max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
+                                       capturable=capturable and params[0].device.type != "cpu")
+        if abs_sums_out is not None:
+            from .stats import layer_abs_sums
+
+            abs_sums_out.copy_(layer_abs_sums(params))
+        return skipped
+    if maximize:
+        grad_scale = -1.0 if grad_scale is None else -grad_scale
     device = params[0].device
+    device_steps = capturable and device.type != "cpu"  # the bias corrections stay on the device
+    if device_steps:
+        step_sizes, bc2_sqrts = _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
+        if not bias_correction:
+            bc2_sqrts = [torch.ones((), dtype=s.dtype, device=s.device) for s in step_sizes]
+    else:
+        step_sizes, bc2_sqrts = bias_corrections([float(t) for t in steps] if capturable else steps, lr, beta1,
+                                                 beta2, bias_correction)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     groups = _group_by_kind(params, grads, exp_avgs, exp_avg_sqs)
     if groups is None:  # one kind: no per-group sub-lists
@@ -352,7 +518,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             skipped = skipped + _multi_tensor_adamhd(
                 p, g, m, v, pick(list(steps)), d, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, decay=decay, bias_correction=bias_correction,
-                grad_scale=grad_scale).to(device)
+                grad_scale=grad_scale, capturable=device_steps).to(device)
             if abs_sums_out is not None:
                 from .stats import layer_abs_sums
 
@@ -369,6 +535,8 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
                 raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[triton]')")
 
             def to_dev(xs):
+                if device_steps:
+                    return torch.stack(xs).to(dev, torch.float32)
                 host = torch.tensor(xs, dtype=torch.float32)
                 if dev.type == "cuda":
                     host = host.pin_memory()

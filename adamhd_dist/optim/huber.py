@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["huber_penalty", "huber_prox_", "huber_clip_"]
+__all__ = ["huber_penalty", "huber_prox_", "huber_clip_", "huber_prox_foreach_", "huber_clip_foreach_"]
 
 
 def huber_penalty(x: torch.Tensor, delta: float | torch.Tensor) -> torch.Tensor:
@@ -45,3 +45,24 @@ def huber_clip_(x: torch.Tensor, tau: float, delta: float | torch.Tensor) -> tor
     if tau == 0.0:
         return x
     return x.sub_(torch.clamp(x, -delta, delta), alpha=tau)  # type: ignore[arg-type]
+
+
+def huber_prox_foreach_(xs: list[torch.Tensor], tau: float, deltas: list[float]) -> list[torch.Tensor]:
+    """:func:`huber_prox_` over a list of tensors with one δ each, in ``torch._foreach_*`` ops. Returns ``xs``."""
+    if tau == 0.0 or not xs:
+        return xs
+    shrink = torch._foreach_div(xs, 1.0 + tau)
+    torch._foreach_clamp_max_(shrink, list(deltas))
+    torch._foreach_clamp_min_(shrink, [-d for d in deltas])
+    torch._foreach_add_(xs, shrink, alpha=-tau)
+    return xs
+
+
+def huber_clip_foreach_(xs: list[torch.Tensor], tau: float, deltas: list[float]) -> list[torch.Tensor]:
+    """:func:`huber_clip_` over a list of tensors with one δ each, in ``torch._foreach_*`` ops. Returns ``xs``."""
+    if tau == 0.0 or not xs:
+        return xs
+    c = torch._foreach_clamp_max(xs, list(deltas))
+    torch._foreach_clamp_min_(c, [-d for d in deltas])
+    torch._foreach_add_(xs, c, alpha=-tau)
+    return xs

@@ -57,6 +57,11 @@ def is_dtensor(t) -> bool:
     return any(c.__name__ == "DTensor" for c in type(t).__mro__) and hasattr(t, "to_local")
 
 
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (real and imaginary parts as two coordinates), as torch.optim steps it."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 class LayerStats:
     """Every parameter is a whole layer on this process (no sharding): local tensors, local sums, no collective.
 
@@ -84,8 +89,9 @@ class LayerStats:
         return t
 
     def layer_numel(self, p: Tensor) -> int:
-        """The number of elements of the whole layer ``p`` is (padding excluded)."""
-        return p.numel()
+        """The number of elements of the whole layer ``p`` is (padding excluded; a complex element counts as its
+        two real coordinates)."""
+        return p.numel() * (2 if p.is_complex() else 1)
 
     def places(self, p: Tensor) -> bool:
         """Whether this strategy knows ``p`` beyond the optimizer's own params (e.g. a flat partition)."""
@@ -102,7 +108,7 @@ class LayerStats:
         where the tensor is unchanged since, else read afresh in one call), then :meth:`reduce`."""
         from .stats import layer_abs_sums
 
-        locals_ = [self.local(p) for p in params]
+        locals_ = [_real(self.local(p)) for p in params]
         cached, missing = {}, []
         for i, (p, t) in enumerate(zip(params, locals_)):
             hit = self._sums.get(p)

@@ -19,7 +19,9 @@ from .stats import DELTA_MODES, DeltaSetting, advance_deltas, delta_setting
 __all__ = ["AdamHD"]
 
 # Keys an AdamW param group has that AdamHD does not use; dropped when loading an AdamW state_dict.
-_ADAMW_ONLY_KEYS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+_ADAMW_ONLY_KEYS = ("decoupled_weight_decay",)
+# Keys this version added to a param group: an older pickle or state_dict gets AdamW's defaults for them.
+_ADAMW_DEFAULTS = dict(amsgrad=False, maximize=False, capturable=False, differentiable=False)
 
 
 def _is_number(x) -> bool:
@@ -28,27 +30,46 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) or (isinstance(x, Tensor) and x.numel() == 1)
 
 
+def _value(x):
+    """A hyperparameter as torch.optim prints it (a 1-element tensor as its number)."""
+    return x.item() if isinstance(x, Tensor) and x.numel() == 1 else x
+
+
 def check_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter of a param group (or of the defaults)."""
+    """Raise naming the first invalid hyperparameter of a param group (or of the defaults). The checks torch's
+    AdamW makes raise what AdamW raises, in its words, followed by the argument's name and what is allowed."""
 
-    def bad(name, value, allowed):
-        raise ValueError(f"Invalid {name}: {value!r} (allowed: {allowed})")
+    def bad(name, value, allowed, torch_words=None):
+        head = f"{torch_words}: {_value(value)} " if torch_words else f"Invalid {name}: {value!r} "
+        raise ValueError(f"{head}({name}: allowed {allowed})")
 
-    lr = group["lr"]
+    lr, foreach, capturable = group["lr"], group["foreach"], group["capturable"]
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
     if not _is_number(lr) or not float(lr) >= 0.0:
-        bad("lr", lr, "a number >= 0")
+        bad("lr", lr, "a number >= 0", "Invalid learning rate")
     eps = group["eps"]
     if not _is_number(eps) or not float(eps) > 0.0:
-        bad("eps", eps, "a number > 0")
+        bad("eps", eps, "a number > 0", "Invalid epsilon value")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         bad("betas", betas, "a pair (beta1, beta2), each in [0, 1)")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
     for i, b in enumerate(betas):
+        if isinstance(b, Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
         if not _is_number(b) or not 0.0 <= float(b) < 1.0:
-            bad(f"betas[{i}]", b, "a number in [0, 1)")
+            bad(f"betas[{i}]", b, "a number in [0, 1)", f"Invalid beta parameter at index {i}")
     wd = group["weight_decay"]
     if not _is_number(wd) or not float(wd) >= 0.0:
-        bad("weight_decay", wd, "a number >= 0")
+        bad("weight_decay", wd, "a number >= 0", "Invalid weight_decay value")
     mode = group["delta_mode"]
     if mode not in DELTA_MODES:
         bad("delta_mode", mode, " | ".join(repr(m) for m in DELTA_MODES))
@@ -69,13 +90,18 @@ def check_hyperparameters(group: dict[str, Any]) -> None:
                          f"delta_mode is {mode!r}, whose δ = delta_scale * statistic)")
     if group["decay"] not in F.DECAYS:
         bad("decay", group["decay"], " | ".join(repr(d) for d in F.DECAYS))
-    if not isinstance(group["bias_correction"], bool):
-        bad("bias_correction", group["bias_correction"], "True or False")
+    for name in ("bias_correction", "amsgrad", "maximize", "capturable", "differentiable"):
+        if not isinstance(group[name], bool):
+            bad(name, group[name], "True or False")
     for name in ("foreach", "fused"):
         if group[name] not in (None, True, False):
             bad(name, group[name], "None, True or False")
-    if group["foreach"] and group["fused"]:
-        raise ValueError("Invalid foreach/fused: both True (choose one, or leave both None for the default)")
+    if group["fused"]:
+        if group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together. (foreach/fused: choose one, or "
+                               "leave both None for the default)")
 
 
 class AdamHD(Optimizer):
@@ -110,23 +136,45 @@ class AdamHD(Optimizer):
         params: parameters or param groups (dicts), as for any torch optimizer. Groups may carry
             ``param_names`` (see :func:`adamhd_dist.param_groups`); names are used by
             :func:`adamhd_dist.layer_deltas` and in checkpoints.
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (same defaults).
+        lr: learning rate α (default 1e-3); a float or a 1-element tensor, as torch.optim.AdamW.
+        betas: ``(β1, β2)``, the moments' decay rates (default (0.9, 0.999)); floats or 1-element tensors.
+        eps: ε added to the denominator (default 1e-8).
+        weight_decay: λ, the decay strength, τ = α·λ (default 1e-2, as AdamW); 0 turns the decay (and the
+            statistic) off for a group.
+        amsgrad: as AdamW: the denominator uses the running maximum of ``v`` (state ``max_exp_avg_sq``, AdamW's
+            key) (default False). ``fused=True`` computes it with the foreach ops.
+        maximize: as AdamW: ascend the objective (the gradient's sign is flipped) (default False).
+        foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device (the fused
+            kernel: C++ on the CPU, Triton on CUDA).
+        capturable: as AdamW: the step counter lives on the parameter's device and the bias corrections are
+            computed there, so a CUDA graph can capture the step (default False). On the CPU, as AdamW, only the
+            fused path accepts it; the loop and foreach paths raise AdamW's error.
+        differentiable: as AdamW: the step runs with autograd recording it, on the loop path (foreach raises, fused
+            is refused at construction); δ is a constant of the update (the statistic is read without gradient),
+            and non-finite gradients are not masked (default False).
         delta_mode: ``"ema"`` (default), ``"mean_abs"`` or ``"constant"``.
         delta_scale: ``c`` in ``δ = c·μ`` (default 1.5).
         delta_beta: ``β_δ`` of the EMA of mean ``|θ|`` (default 0.99).
         delta: the fixed δ for ``delta_mode="constant"`` (+inf allowed); must be None otherwise.
         decay: ``"prox"`` (default) or ``"clip"``.
         bias_correction: Adam's bias correction (default True).
-        foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device.
         layer_stats: how the parameters map to layers and how a layer's ``Σ|θ|`` is summed across ranks (a
             :class:`~adamhd_dist.optim.layer_stats.LayerStats`). Default: whole layers on this process, or the
             DTensor strategy (one collective per step over the shards) when a parameter is a DTensor, which the
             optimizer sets up by itself. Engine integrations set a flat-layout strategy
             (:func:`adamhd_dist.deepspeed.attach`).
 
-    Every argument can be set per param group. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (as
-    AdamW, so AdamW checkpoints load) and ``delta_ema`` (μ, fp32 0-d) in ``"ema"`` mode with
-    ``weight_decay > 0``. Groups with ``weight_decay == 0`` need and compute no statistic.
+    Every argument can be set per param group. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` and,
+    with amsgrad, ``max_exp_avg_sq`` (as AdamW, so AdamW checkpoints load and AdamHD's load into AdamW) and
+    ``delta_ema`` (μ, fp32 0-d) in ``"ema"`` mode with ``weight_decay > 0``. Groups with ``weight_decay == 0`` need
+    and compute no statistic.
+
+    Complex parameters are stepped as torch.optim steps them: as their real view (``torch.view_as_real``, the real
+    and imaginary parts two independent coordinates). The per-layer statistic and the Huber decay are defined on
+    that view: ``s = Σ(|Re θ| + |Im θ|) / (2n)`` and each part is decayed on its own.
+
+    A step that raises changes nothing (parameters, moments, step counters, μ): what torch.optim checks for every
+    optimizer is checked, in its words, before anything is written.
 
     AdamHD never steps a tensor it cannot place in a layer: a tensor in a group that needs the statistic which is
     neither a parameter it was given, nor covered by its layer-statistic strategy, nor a DTensor, stops the step
@@ -156,21 +204,26 @@ class AdamHD(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         delta_mode: str = "ema",
         delta_scale: float = 1.5,
         delta_beta: float = 0.99,
         delta: float | None = None,
         decay: str = "prox",
         bias_correction: bool = True,
-        foreach: bool | None = None,
-        fused: bool | None = None,
         layer_stats: LayerStats | None = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, delta_mode=delta_mode, delta_scale=delta_scale,
-                        delta_beta=delta_beta, delta=delta, decay=decay, bias_correction=bias_correction,
-                        foreach=foreach, fused=fused)
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        delta_mode=delta_mode, delta_scale=delta_scale, delta_beta=delta_beta, delta=delta,
+                        decay=decay, bias_correction=bias_correction)
         check_hyperparameters(defaults)
         self._init_attributes()
         super().__init__(params, defaults)
@@ -207,8 +260,8 @@ class AdamHD(Optimizer):
         state = dict(state)
         given, shapes = state.pop("_adamhd_given", None), state.pop("_adamhd_given_shapes", None)
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
+        for group in self.param_groups:  # a group saved before these options existed: AdamW's defaults
+            for key, value in _ADAMW_DEFAULTS.items():
                 group.setdefault(key, value)
         self._init_attributes()
         for g, idx, sh in zip(self.param_groups, given or [], shapes or []):
@@ -225,8 +278,6 @@ class AdamHD(Optimizer):
                 group["betas"] = tuple(group["betas"])
             check_hyperparameters(group)
             for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError("AdamHD does not support complex parameters (use torch.view_as_real)")
                 if getattr(p, "_fsdp_flattened", False):  # FSDP1 flat-parameter views
                     raise ValueError(f"params: {FSDP1_MESSAGE}")
         except ValueError:
@@ -347,33 +398,61 @@ class AdamHD(Optimizer):
 
     # ----------------------------------------------------------------------------------------------------------
     # state
-    def _init_state(self, p: Tensor) -> dict:
+    def _init_state(self, p: Tensor, group: dict | None = None) -> dict:
+        """The state of ``p``, created on first use as AdamW creates it (the step counter on the CPU, or on the
+        parameter's device with ``capturable``)."""
         state = self.state[p]
         if len(state) == 0 or "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            capturable = group is not None and group["capturable"]
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if capturable \
+                else torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group is not None and group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _collect(self):
-        """Per group: (group, params with grads, their states)."""
+    def _check_group(self, group: dict, ps: list[Tensor]) -> None:
+        """What the step of this group would refuse, raised before any state is created or written."""
+        if group["amsgrad"] and self.layer_stats.flat and delta_setting(group) is not None:
+            raise ValueError("amsgrad=True is not supported for a decayed param group of a flat layout (ZeRO "
+                             "partitions): set amsgrad=False for it")
+        path = F.default_path(ps, group["foreach"], group["fused"])
+        if group["differentiable"] and not group["foreach"] and not group["fused"]:
+            path = "loop"
+        states = [self.state.get(p) for p in ps]
+        steps = [st["step"] if st and "step" in st else torch.zeros((), device=p.device)
+                 for p, st in zip(ps, states)] if group["capturable"] else ()
+        F.check_path(path, ps, steps, capturable=group["capturable"], differentiable=group["differentiable"])
+
+    def _collect(self, created: list[Tensor] | None = None):
+        """Per group: (group, params with grads, their states); every group checked before any state is made."""
         work = []
         for group in self.param_groups:
-            ps, states = [], []
+            ps = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamHD does not support sparse gradients")
                 ps.append(p)
-                states.append(self._init_state(p))
-            work.append((group, ps, states))
-        return work
+            if ps:
+                self._check_group(group, ps)
+            work.append((group, ps))
+        out = []
+        for group, ps in work:
+            states = []
+            for p in ps:
+                if created is not None and not self.state.get(p):
+                    created.append(p)
+                states.append(self._init_state(p, group))
+            out.append((group, ps, states))
+        return out
 
     # ----------------------------------------------------------------------------------------------------------
     # δ: from the strategy's whole-layer sums, by advance_deltas (the one place δ is computed)
     @torch.no_grad()
-    def _param_deltas(self, work) -> list[Tensor | None]:
+    def _param_deltas(self, work, undo: list | None = None) -> list[Tensor | None]:
         """One layer per parameter: δ for every param that needs one, across ALL groups, with ONE reduction of the
         layer sums; μ (``delta_ema``) advanced in the state. Returns one fp32 δ vector per entry of ``work``
         (None where the group has no decay)."""
@@ -413,6 +492,8 @@ class AdamHD(Optimizer):
         deltas, new_mu, new_has = advance_deltas(settings, sums, numels, mus, has)
         ema = [i for i, st in enumerate(settings) if st.mode == "ema"]
         if ema:
+            if undo is not None:  # to put μ back if the step raises
+                undo += [(states[i], mus[i].clone() if has[i] else None) for i in ema]
             old = [i for i in ema if has[i]]
             if old:  # one foreach copy instead of a copy per layer
                 src = new_mu if len(old) == len(layers) else new_mu[torch.tensor(old, device=new_mu.device)]
@@ -476,9 +557,13 @@ class AdamHD(Optimizer):
                 still.append((step, count))
         self._pending_nonfinite = still
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
-        """One AdamHD step for every parameter that has a gradient."""
+        """One AdamHD step for every parameter that has a gradient (with autograd recording it when the optimizer
+        was built with ``differentiable=True``, as torch.optim does). A step that raises changes nothing."""
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            return self._step(closure)
+
+    def _step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -489,25 +574,56 @@ class AdamHD(Optimizer):
             return loss  # GradScaler saw inf/nan: this step changes no state (step, moments and μ included)
         self._report_nonfinite()
 
-        work = self._collect()
-        self._check_placement(work)
+        created: list[Tensor] = []
+        undo_mu: list = []
+        table = self.layer_state
+        saved_table = None if table is None else (table.mu.clone(), table.has_mu.clone(), table.delta.clone(),
+                                                  self._pending, self._layer_delta)
+        try:
+            work = self._collect(created)
+            self._check_placement(work)
+            self._update(work, grad_scale, undo_mu)
+        except BaseException:
+            # put back what this step made or moved before it raised (checks run before any tensor is written)
+            for p in created:
+                self.state.pop(p, None)
+            for st, mu in reversed(undo_mu):
+                if mu is None:
+                    st.pop("delta_ema", None)
+                else:
+                    st["delta_ema"].copy_(mu)
+            if saved_table is not None:
+                table.mu.copy_(saved_table[0])
+                table.has_mu.copy_(saved_table[1])
+                table.delta.copy_(saved_table[2])
+                self._pending, self._layer_delta = saved_table[3:]
+            raise
+        self._report_nonfinite()
+        return loss
+
+    def _update(self, work, grad_scale, undo_mu) -> None:
         stats = self.layer_stats
-        if stats.flat:
-            layer_delta = self._flat_deltas()
-            group_deltas = [None] * len(work)
-        else:
-            layer_delta = None
-            group_deltas = self._param_deltas(work)
+        with torch.no_grad():
+            if stats.flat:
+                layer_delta = self._flat_deltas()
+                group_deltas = [None] * len(work)
+            else:
+                layer_delta = None
+                group_deltas = self._param_deltas(work, undo_mu)
         # expanded by last_deltas(), when asked (params and δ vectors only: no state is kept alive by it)
         self._last_deltas = tuple((ps, ds) for (_, ps, _), ds in zip(work, group_deltas) if ds is not None)
         for (group, ps, states), group_delta in zip(work, group_deltas):
             if not ps:
                 continue
             step_tensors = [s["step"] for s in states]
-            torch._foreach_add_(step_tensors, 1.0)
-            steps = torch.stack(step_tensors).tolist()
+            capturable = group["capturable"]
+            if capturable:  # the next step numbers, on the device; the counters move once the update is done
+                steps = torch._foreach_add(step_tensors, 1.0)
+            else:
+                steps = (torch.stack(step_tensors) + 1.0).tolist()
             beta1, beta2 = group["betas"]
             setting = delta_setting(group)
+            vmax = None
             if stats.flat and setting is not None:
                 params, grads, m, v, steps, ds, owners = stats.units(ps, states, steps, layer_delta)
                 device = params[0].device if params else ps[0].device
@@ -516,29 +632,39 @@ class AdamHD(Optimizer):
                 owners = None
                 params, grads = list(ps), [p.grad for p in ps]
                 m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+                if group["amsgrad"]:
+                    vmax = [s["max_exp_avg_sq"] for s in states]
                 if type(stats).local is not LayerStats.local:  # e.g. DTensor shards
                     params, grads, m, v = ([stats.local(t) for t in ts] for ts in (params, grads, m, v))
+                    if vmax is not None:
+                        vmax = [stats.local(t) for t in vmax]
+                if any(t.is_complex() for t in params):  # as torch.optim: the real view, two coordinates each
+                    params, grads, m, v = ([_real(t) for t in ts] for ts in (params, grads, m, v))
+                    if vmax is not None:
+                        vmax = [_real(t) for t in vmax]
                 device = params[0].device
                 ds = group_delta.to(device) if setting is not None else None
-            if not params:
-                continue
-            needs = setting is not None and setting.needs_statistic
-            sums_out = torch.empty(len(params), dtype=torch.float64, device=device) if needs else None
-            count = F.adamhd(
-                params, grads, m, v, steps, ds,
-                foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
-                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), decay=group["decay"],
-                bias_correction=group["bias_correction"])
-            self._pending_nonfinite.append((int(max(steps)), count))
-            if needs and owners is not None:
-                for (p, n), chunk in zip(owners, sums_out.split([n for _, n in owners])):
-                    stats.remember(p, chunk)
-            elif needs:
-                for p, total in zip(ps, sums_out.unbind(0)):
-                    stats.remember(p, total)
-        self._report_nonfinite()
-        return loss
+            if params:
+                needs = setting is not None and setting.needs_statistic
+                sums_out = torch.empty(len(params), dtype=torch.float64, device=device) if needs else None
+                count = F.adamhd(
+                    params, grads, m, v, steps, ds,
+                    foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
+                    max_exp_avg_sqs=vmax, amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    capturable=capturable, differentiable=group["differentiable"],
+                    lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), decay=group["decay"],
+                    bias_correction=group["bias_correction"])
+                step_now = int(max(float(t) for t in steps)) if not capturable else None
+                self._pending_nonfinite.append((step_now, count))
+                if needs and owners is not None:
+                    for (p, n), chunk in zip(owners, sums_out.split([n for _, n in owners])):
+                        stats.remember(p, chunk)
+                elif needs:
+                    for p, total in zip(ps, sums_out.unbind(0)):
+                        stats.remember(p, total)
+            with torch.no_grad():
+                torch._foreach_add_(step_tensors, 1.0)
 
     # ----------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -552,8 +678,9 @@ class AdamHD(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load an AdamHD state_dict exactly, or an AdamW one (keeps step and moments; μ starts from the next
-        step's statistic). μ is kept in fp32 whatever the parameter dtype."""
+        """Load an AdamHD state_dict exactly, or an AdamW one, with or without amsgrad (keeps step, moments and
+        ``max_exp_avg_sq``; μ starts from the next step's statistic). μ is kept in fp32 whatever the parameter
+        dtype. A state dict that does not fit (another number of groups, a bad hyperparameter) changes nothing."""
         state_dict = dict(state_dict)
         layer_state = state_dict.pop("layer_state", None)
         saved_layout = state_dict.pop("flat_layout", None)
@@ -563,10 +690,6 @@ class AdamHD(Optimizer):
                              f"this optimizer has {len(self.param_groups)}")
         for saved, current in zip(state_dict["param_groups"], self.param_groups):
             saved = dict(saved)
-            if saved.get("amsgrad"):
-                raise ValueError("cannot continue an AdamW state with amsgrad=True as AdamHD (no max_exp_avg_sq)")
-            if saved.get("maximize"):
-                raise ValueError("cannot continue an optimizer state with maximize=True as AdamHD")
             for k in _ADAMW_ONLY_KEYS:
                 saved.pop(k, None)
             for k, v in current.items():
@@ -580,7 +703,7 @@ class AdamHD(Optimizer):
         before = list(self.param_groups)
         saved_state = state_dict["state"]
         mus = {k: v["delta_ema"] for k, v in saved_state.items() if "delta_ema" in v}
-        state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("delta_ema", "max_exp_avg_sq")}
+        state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "delta_ema"}
                                for k, v in saved_state.items()}
         super().load_state_dict(state_dict)
         # torch rebuilds the group dicts: the shapes given per group follow them, in order
@@ -588,11 +711,13 @@ class AdamHD(Optimizer):
                               if id(old) in self._given_shapes}
         self.layer_stats.invalidate()
         index = [p for g in self.param_groups for p in g["params"]]
-        for p in index:
-            st = self.state.get(p)
-            if st and "step" in st:
-                st["step"] = st["step"].detach().to("cpu", torch.float32) if isinstance(st["step"], Tensor) \
-                    else torch.tensor(float(st["step"]), dtype=torch.float32)
+        for g in self.param_groups:  # the step counter where this optimizer keeps it (see _init_state)
+            for p in g["params"]:
+                st = self.state.get(p)
+                if st and "step" in st:
+                    where = p.device if g.get("capturable") else "cpu"
+                    st["step"] = st["step"].detach().to(where, torch.float32, copy=True) if isinstance(st["step"], Tensor) \
+                        else torch.tensor(float(st["step"]), dtype=torch.float32, device=where)
         # saved state keys are the saved groups' "params" entries: positions, or FQNs (torch.distributed.checkpoint)
         keys = {k: p for g, cur in zip(groups, self.param_groups) for k, p in zip(g["params"], cur["params"])}
         for k, mu in mus.items():
@@ -617,6 +742,10 @@ class AdamHD(Optimizer):
                 expanded.update(zip(ps, ds.tolist()))
             self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _check_saved_layout(saved: dict | None, layout) -> None:
