@@ -90,6 +90,8 @@ def default_path(params: Sequence[Tensor], foreach: bool | None, fused: bool | N
         return "loop"
     if not params:
         return "foreach"
+    if not all(torch.is_floating_point(p) for p in params):  # complex: as torch.optim, never fused by default
+        return "foreach"
     devices = {p.device for p in params}
     if len(devices) == 1:
         device = next(iter(devices))
@@ -346,7 +348,7 @@ def _differentiable_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, 
         denom = denom + eps
         delta = delta_list[i]
         if decay == "clip" and tau != 0.0:
-            param.sub_(torch.clamp(param, -delta, delta), alpha=tau)
+            param.sub_(torch.clamp(param.clone(), -delta, delta), alpha=tau)  # clamp keeps its input for backward
         param.sub_(m / denom * step_sizes[i])
         if decay == "prox" and tau != 0.0:
             param.sub_(torch.clamp(param / (1.0 + tau), -delta, delta), alpha=tau)

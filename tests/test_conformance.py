@@ -1,0 +1,309 @@
+"""AdamHD against torch.optim's own conventions, through torch's shipped optimizer test data.
+
+AdamHD is registered like torch's AdamW entry in ``torch.testing._internal.common_optimizers`` (same inputs: amsgrad,
+maximize, weight decay, tensor lr; each with foreach, fused and differentiable), and the generic properties torch's
+optimizer tests check are asserted here: with the clip form and δ = inf every input steps exactly as AdamW; state
+dict, deepcopy and pickle round trips are deterministic; hooks, param groups, schedulers, tensor lr, zero and None
+gradients, complex parameters and the shared error checks behave as torch.optim's; a step that raises changes nothing.
+"""
+
+import copy
+import math
+import pickle
+import sys
+import types
+import unittest
+
+import pytest
+import torch
+
+try:
+    import expecttest  # noqa: F401 - torch's test utilities import it; only its TestCase base is used here
+except ImportError:  # not installed with torch: give its TestCase, which the optimizer test data never runs
+    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import ExponentialLR, StepLR
+from torch.testing._internal.common_optimizers import (OptimizerErrorEnum, OptimizerInfo,
+                                                        _get_optim_inputs_including_global_cliquey_kwargs,
+                                                        optim_error_inputs_func_adamw, optim_inputs_func_adamw)
+
+from adamhd_dist import AdamHD
+
+# AdamHD's settings under which it is AdamW: the explicit decay step, no threshold
+AS_ADAMW = dict(decay="clip", delta_mode="constant", delta=math.inf)
+
+ADAMHD_INFO = OptimizerInfo(
+    AdamHD,
+    optim_inputs_func=optim_inputs_func_adamw,
+    optim_error_inputs_func=optim_error_inputs_func_adamw,
+    supported_impls=("foreach", "differentiable", "fused"),
+    supports_fused_on=("cpu",),
+    has_capturable_arg=True,
+)
+INPUTS = _get_optim_inputs_including_global_cliquey_kwargs("cpu", torch.float32, ADAMHD_INFO)
+IDS = [i.desc for i in INPUTS]
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(5, 4, generator=g, dtype=dtype)),
+            torch.nn.Parameter(torch.randn(3, generator=g, dtype=dtype))]
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+def _run(cls, kwargs, steps=20, dtype=torch.float32, sched=False):
+    params = _params(dtype)
+    opt = cls(params, **copy.deepcopy(kwargs))
+    s = StepLR(opt, step_size=5, gamma=0.5) if sched else None
+    for t in range(steps):
+        for p, g in zip(params, _grads(params, t)):
+            p.grad = g
+        opt.step()
+        if s is not None:
+            s.step()
+    return params, opt
+
+
+def _outcome(cls, kwargs, **kw):
+    try:
+        return _run(cls, kwargs, **kw), None
+    except Exception as exc:  # noqa: BLE001 - the comparison is the point
+        return None, exc
+
+
+@pytest.mark.parametrize("optim_input", INPUTS, ids=IDS)
+def test_every_adamw_input_steps_as_adamw(optim_input):
+    """torch's AdamW inputs (each also with foreach, fused and differentiable): 20 steps equal AdamW's, or both
+    raise the same error (differentiable on leaf parameters)."""
+    kw = optim_input.kwargs
+    ref, ref_err = _outcome(AdamW, kw)
+    got, got_err = _outcome(AdamHD, {**kw, **AS_ADAMW})
+    if ref_err is not None:
+        assert type(got_err) is type(ref_err) and str(got_err) == str(ref_err)
+        return
+    assert got_err is None, got_err
+    for a, b in zip(ref[0], got[0]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    for p, q in zip(ref[0], got[0]):
+        for key, value in ref[1].state[p].items():
+            torch.testing.assert_close(got[1].state[q][key], value, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+def test_complex_params_step_as_adamw(path, amsgrad):
+    kw = dict(foreach=path == "foreach", weight_decay=0.1, amsgrad=amsgrad, maximize=amsgrad)
+    ref, _ = _run(AdamW, kw, dtype=torch.complex64)
+    got, opt = _run(AdamHD, {**kw, **AS_ADAMW}, dtype=torch.complex64)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_statistic_is_the_real_views():
+    """δ of a complex layer is c·mean over its real view (|Re| and |Im| as separate coordinates)."""
+    z = torch.nn.Parameter(torch.randn(6, 3, dtype=torch.complex64))
+    expected = 1.5 * torch.view_as_real(z.detach()).abs().double().mean().item()
+    opt = AdamHD([z], weight_decay=0.1, delta_mode="mean_abs", delta_scale=1.5)
+    z.grad = torch.randn_like(z)
+    opt.step()
+    assert opt.last_deltas()[z] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(amsgrad=True), dict(foreach=True), dict(fused=True)],
+                         ids=["default", "amsgrad", "foreach", "fused"])
+def test_state_dict_round_trips_are_deterministic(kwargs):
+    """load_state_dict, deepcopy and pickle give back the same state_dict (no key added), and the copies step as
+    the original."""
+    params, opt = _run(AdamHD, dict(weight_decay=0.1, **kwargs), steps=3)
+    sd = opt.state_dict()
+    fresh = AdamHD(_params(), weight_decay=0.1, **kwargs)
+    fresh.load_state_dict(copy.deepcopy(sd))
+    for other in (fresh, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        osd = other.state_dict()
+        assert osd["param_groups"] == sd["param_groups"]
+        assert osd["state"].keys() == sd["state"].keys()
+        for k in sd["state"]:
+            assert osd["state"][k].keys() == sd["state"][k].keys()
+            for key in sd["state"][k]:
+                assert torch.equal(osd["state"][k][key], sd["state"][k][key])
+
+
+def test_hooks_run_as_torchs():
+    params = _params()
+    opt = AdamHD(params)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.register_state_dict_pre_hook(lambda o: seen.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load_post"))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["extra"] == 1
+    sd.pop("extra")
+    opt.load_state_dict(sd)
+    assert seen == ["pre", "post", "sd_pre", "load_pre", "load_post"]
+
+
+def test_param_groups_and_schedulers_as_adamw():
+    """Two groups (one decayed), an added group, and a scheduler moving lr: as AdamW."""
+    def run(cls, extra):
+        a, b, c = _params() + [torch.nn.Parameter(torch.randn(2, 2, generator=torch.Generator().manual_seed(3)))]
+        opt = cls([{"params": [a], "weight_decay": 0.3}, {"params": [b], "weight_decay": 0.0, "lr": 3e-3}],
+                  lr=1e-2, **extra)
+        sched = ExponentialLR(opt, gamma=0.9)
+        for t in range(10):
+            if t == 4:
+                opt.add_param_group({"params": [c], "lr": 5e-3})
+            ps = [a, b] + ([c] if t >= 4 else [])
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+            sched.step()
+        return [a, b, c], [g["lr"] for g in opt.param_groups]
+    ref, ref_lr = run(AdamW, {})
+    got, got_lr = run(AdamHD, AS_ADAMW)
+    assert got_lr == ref_lr
+    for x, y in zip(ref, got):
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["loop", "fused"])
+def test_tensor_lr_with_scheduler_as_float_lr(path):
+    kw = dict(foreach=False, fused=path == "fused")
+    ref, _ = _run(AdamHD, dict(lr=0.01, **kw), sched=True)
+    got, opt = _run(AdamHD, dict(lr=torch.tensor(0.01), **kw), sched=True)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+
+
+def test_none_grads_are_skipped_and_zero_grads_step():
+    a, b = _params()
+    opt = AdamHD([a, b], weight_decay=0.1)
+    before = b.detach().clone()
+    a.grad = torch.zeros_like(a)
+    opt.step()
+    assert b not in opt.state and torch.equal(b, before)
+    assert float(opt.state[a]["step"]) == 1.0
+    opt.zero_grad()
+    assert a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("error_input", optim_error_inputs_func_adamw("cpu", torch.float32),
+                         ids=lambda e: e.optimizer_error_input.desc)
+def test_torchs_error_inputs_raise_torchs_errors(error_input):
+    inp = error_input.optimizer_error_input
+    params = inp.params if inp.params is not None else _params()
+    expect = pytest.warns if issubclass(error_input.error_type, Warning) else pytest.raises
+    with expect(error_input.error_type, match=error_input.error_regex):
+        opt = AdamHD(params, **inp.kwargs)
+        if error_input.error_on == OptimizerErrorEnum.STEP_ERROR:
+            opt.step()
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(opt, params, snap):
+    ps, sd = snap
+    assert all(torch.equal(p, q) for p, q in zip(params, ps))
+    now = opt.state_dict()
+    assert now["param_groups"] == sd["param_groups"] and now["state"].keys() == sd["state"].keys()
+    for k, st in sd["state"].items():
+        assert now["state"][k].keys() == st.keys()
+        assert all(torch.equal(now["state"][k][key], v) for key, v in st.items())
+
+
+def test_fused_step_on_meta_params_raises_and_changes_nothing():
+    params = [torch.nn.Parameter(torch.empty(3, 4, device="meta"))]
+    opt = AdamHD(params, fused=True)
+    params[0].grad = torch.empty(3, 4, device="meta")
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("case", ["capturable_cpu", "differentiable_foreach", "kernel_raises"])
+def test_a_step_that_raises_changes_nothing(case, monkeypatch):
+    """Errors found before or during the update leave parameters, moments, step counters and μ as they were."""
+    params = _params()
+    kw = {"capturable_cpu": dict(capturable=True, foreach=False),
+          "differentiable_foreach": dict(differentiable=True, foreach=True),
+          "kernel_raises": dict(foreach=True)}[case]
+    opt = AdamHD(params, weight_decay=0.1, **({} if case != "kernel_raises" else kw))
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    opt.step()  # state and μ exist
+    for group in opt.param_groups:
+        group.update(kw)
+    snap = _snapshot(opt, params)
+    if case == "kernel_raises":
+        import adamhd_dist.optim.functional as F
+
+        def boom(*a, **k):
+            raise RuntimeError("kernel failed")
+        monkeypatch.setattr(F, "_multi_tensor_adamhd", boom)
+    with pytest.raises((AssertionError, RuntimeError)):
+        opt.step()
+    _unchanged(opt, params, snap)
+
+
+def test_capturable_fused_cpu_as_adamw_and_step_on_the_device():
+    ref, ropt = _run(AdamW, dict(capturable=True, fused=True, weight_decay=0.1), steps=5)
+    got, gopt = _run(AdamHD, dict(capturable=True, fused=True, weight_decay=0.1, **AS_ADAMW), steps=5)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert float(gopt.state[got[0]]["step"]) == 5.0
+
+
+def test_capturable_bias_corrections_on_device_tensors_match_the_host_ones():
+    """The capturable form of the loop and foreach math (0-d step tensors, no host read), run directly."""
+    import adamhd_dist.optim.functional as F
+
+    outs = []
+    for capturable in (False, True):
+        for impl in (F._single_tensor_adamhd, F._multi_tensor_adamhd):
+            ps = [p.detach().clone() for p in _params()]
+            ms, vs = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+            for t in range(1, 6):
+                steps = [torch.tensor(float(t))] * len(ps) if capturable else [float(t)] * len(ps)
+                impl(ps, _grads(ps, t), ms, vs, steps, [0.5] * len(ps), lr=1e-2, beta1=0.9, beta2=0.999,
+                     eps=1e-8, weight_decay=0.1, decay="prox", bias_correction=True, grad_scale=None,
+                     capturable=capturable)
+            outs.append(ps)
+    for ps in outs[1:]:  # the device form computes the corrections in fp32, the host form in fp64
+        for a, b in zip(outs[0], ps):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_differentiable_step_gradients_equal_adamws():
+    """differentiable=True: autograd through the step, the gradient w.r.t. the initial parameter as AdamW's."""
+    def grad_through(cls, extra):
+        torch.manual_seed(0)
+        leaf = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        p = leaf.clone()
+        p.grad = torch.randn(4, 3, dtype=torch.float64)
+        opt = cls([p], lr=0.1, weight_decay=0.1, differentiable=True, **extra)
+        opt.step()
+        return torch.autograd.grad(p.square().sum(), leaf)[0]
+    # AdamW's differentiable form computes its bias corrections from the fp32 step counter (1 - 0.999 in fp32 is
+    # 1e-5 off relative); AdamHD in fp64
+    torch.testing.assert_close(grad_through(AdamHD, AS_ADAMW), grad_through(AdamW, {}), rtol=2e-5, atol=1e-9)
+
+
+def test_help_documents_every_argument():
+    import inspect
+
+    doc = AdamHD.__doc__
+    for name in inspect.signature(AdamHD.__init__).parameters:
+        if name != "self":
+            assert f"{name}:" in doc or f"{name}," in doc, name
