@@ -531,3 +531,26 @@ def two_dim_sharded(mesh):
     plain_err = (plain - ref_plain).abs().max().item()
     return dict(delta_err=delta_err, param_err=param_err, plain_err=plain_err, comm=comm_counts,
                 group_ranks=group_ranks, plan_dims=opt.layer_stats.plan().dims)
+
+
+def complex_dtensor_delta() -> dict:
+    """A complex layer sharded Shard(0) over the ranks: δ (mean_abs) of the DTensor layer and of the whole tensor
+    stepped by a plain AdamHD, each rank holding its rows of the same seeded tensor (no scatter of complex data)."""
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    full = torch.randn(4 * world, 3, dtype=torch.complex64)
+    grad = torch.randn_like(full)
+    rows = slice(4 * rank, 4 * (rank + 1))
+    sharded = torch.nn.Parameter(DTensor.from_local(full[rows].clone(), mesh, [Shard(0)], run_check=False))
+    sharded.grad = DTensor.from_local(grad[rows].clone(), mesh, [Shard(0)], run_check=False)
+    whole = torch.nn.Parameter(full.clone())
+    whole.grad = grad.clone()
+    kw = dict(weight_decay=0.1, delta_mode="mean_abs", foreach=True)
+    opts = [AdamHD([sharded], **kw), AdamHD([whole], **kw)]
+    for opt in opts:
+        opt.step()
+    return dict(sharded=opts[0].last_deltas()[sharded], whole=opts[1].last_deltas()[whole],
+                expected=1.5 * torch.view_as_real(full).abs().double().mean().item(),
+                rows=sharded.to_local().detach().clone(), whole_rows=whole.detach()[rows].clone())

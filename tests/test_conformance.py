@@ -307,3 +307,14 @@ def test_help_documents_every_argument():
     for name in inspect.signature(AdamHD.__init__).parameters:
         if name != "self":
             assert f"{name}:" in doc or f"{name}," in doc, name
+
+
+def test_complex_statistic_of_a_sharded_layer():
+    """A complex DTensor layer (2 ranks, Shard(0)) gets the δ of the whole layer's real view, and its rows step as
+    the unsharded parameter's."""
+    from dist_utils import run_ranks
+
+    for out in run_ranks("dist_workers_fsdp:complex_dtensor_delta", 2, timeout=240):
+        assert out["whole"] == pytest.approx(out["expected"], rel=1e-6)
+        assert out["sharded"] == pytest.approx(out["expected"], rel=1e-6)
+        torch.testing.assert_close(out["rows"], out["whole_rows"], rtol=1e-6, atol=1e-7)

@@ -80,10 +80,6 @@ class DTensorLayerStats(LayerStats):
         under ``no_grad``, where ``to_local()`` is the shard itself (not an autograd view)."""
         return t.to_local() if isinstance(t, DTensor) else t
 
-    def layer_numel(self, p: Tensor) -> int:
-        """Number of elements of the whole (unsharded) layer; ``DTensor.numel()`` is the global numel."""
-        return int(p.numel())
-
     # -- the statistic ----------------------------------------------------------------------------------------
     def reduce(self, sums: Tensor, params: list[Tensor]) -> Tensor:
         """Sum the stacked local ``Σ|θ_local|`` of ``params`` (fp64) over the sharded mesh dimensions, in one

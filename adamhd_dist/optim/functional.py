@@ -255,6 +255,13 @@ def _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction):
     return list(ss.unbind(0)), list(bc.unbind(0))
 
 
+def _step_corrections(steps, lr, beta1, beta2, bias_correction, capturable):
+    """``(step_size, sqrt(bias_correction2))`` per tensor: as device tensors when capturable, else host floats."""
+    if capturable:
+        return _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    return bias_corrections(steps, lr, beta1, beta2, bias_correction)
+
+
 def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, beta1, beta2, eps,
                           weight_decay, decay, bias_correction, grad_scale, max_exp_avg_sqs=None, maximize=False,
                           capturable=False, differentiable=False):
@@ -264,10 +271,7 @@ def _single_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *
                                       beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
                                       bias_correction=bias_correction, grad_scale=grad_scale,
                                       max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize, capturable=capturable)
-    if capturable:
-        step_sizes, bc2_sqrts = _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
-    else:
-        step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    step_sizes, bc2_sqrts = _step_corrections(steps, lr, beta1, beta2, bias_correction, capturable)
     delta_list = _delta_list(deltas, len(params))
     scale = _grad_scale_value(grad_scale)
     tau = lr * weight_decay
@@ -323,10 +327,7 @@ def _differentiable_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, 
     """The loop as autograd can record it (``differentiable=True``, as torch.optim.AdamW's): in place on the
     parameter and the state in their own dtype, no copies, no masking. δ is a constant of the update (the layer
     statistic is read without gradient)."""
-    if capturable:
-        step_sizes, bc2_sqrts = _tensor_bias_corrections(steps, lr, beta1, beta2, bias_correction)
-    else:
-        step_sizes, bc2_sqrts = bias_corrections(steps, lr, beta1, beta2, bias_correction)
+    step_sizes, bc2_sqrts = _step_corrections(steps, lr, beta1, beta2, bias_correction, capturable)
     delta_list = _delta_list(deltas, len(params))
     scale = _grad_scale_value(grad_scale)
     tau = lr * weight_decay
@@ -397,11 +398,8 @@ def _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *,
     good = [i for i in range(n) if finite[i]]
     if not good:
         return skipped
-    if capturable:
-        step_sizes, bc2_sqrts = _tensor_bias_corrections([steps[i] for i in good], lr, beta1, beta2,
-                                                         bias_correction)
-    else:
-        step_sizes, bc2_sqrts = bias_corrections([steps[i] for i in good], lr, beta1, beta2, bias_correction)
+    step_sizes, bc2_sqrts = _step_corrections([steps[i] for i in good], lr, beta1, beta2, bias_correction,
+                                              capturable)
 
     # Work in the compute dtype (fp32, or fp64 for fp64 parameters); storage of another dtype gets copies that are
     # written back at the end.

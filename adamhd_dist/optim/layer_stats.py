@@ -57,7 +57,7 @@ def is_dtensor(t) -> bool:
     return any(c.__name__ == "DTensor" for c in type(t).__mro__) and hasattr(t, "to_local")
 
 
-def _real(t: Tensor) -> Tensor:
+def real_view(t: Tensor) -> Tensor:
     """A complex tensor as its real view (real and imaginary parts as two coordinates), as torch.optim steps it."""
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -90,7 +90,7 @@ class LayerStats:
 
     def layer_numel(self, p: Tensor) -> int:
         """The number of elements of the whole layer ``p`` is (padding excluded; a complex element counts as its
-        two real coordinates)."""
+        two real coordinates). ``DTensor.numel()`` is the global numel, so this holds for DTensor layers too."""
         return p.numel() * (2 if p.is_complex() else 1)
 
     def places(self, p: Tensor) -> bool:
@@ -108,7 +108,7 @@ class LayerStats:
         where the tensor is unchanged since, else read afresh in one call), then :meth:`reduce`."""
         from .stats import layer_abs_sums
 
-        locals_ = [_real(self.local(p)) for p in params]
+        locals_ = [real_view(self.local(p)) for p in params]
         cached, missing = {}, []
         for i, (p, t) in enumerate(zip(params, locals_)):
             hit = self._sums.get(p)

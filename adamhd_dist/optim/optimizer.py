@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .layer_stats import (FSDP1_MESSAGE, UNPLACED_FIXES, LayerStats, UnplacedTensorError, auto_strategy,
-                          is_dtensor)
+                          is_dtensor, real_view)
 from .stats import DELTA_MODES, DeltaSetting, advance_deltas, delta_setting
 
 __all__ = ["AdamHD"]
@@ -639,9 +639,9 @@ class AdamHD(Optimizer):
                     if vmax is not None:
                         vmax = [stats.local(t) for t in vmax]
                 if any(t.is_complex() for t in params):  # as torch.optim: the real view, two coordinates each
-                    params, grads, m, v = ([_real(t) for t in ts] for ts in (params, grads, m, v))
+                    params, grads, m, v = ([real_view(t) for t in ts] for ts in (params, grads, m, v))
                     if vmax is not None:
-                        vmax = [_real(t) for t in vmax]
+                        vmax = [real_view(t) for t in vmax]
                 device = params[0].device
                 ds = group_delta.to(device) if setting is not None else None
             if params:
@@ -742,10 +742,6 @@ class AdamHD(Optimizer):
                 expanded.update(zip(ps, ds.tolist()))
             self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _check_saved_layout(saved: dict | None, layout) -> None:
