@@ -3,15 +3,17 @@ presets :func:`tiny` (CPU) and :func:`gpt3_small` (GPU)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from adamhd_train.models import MODEL_NAMES
+from adamhd_train.options import flag, option
 
 from .analysis import OutlierSchedule
 
@@ -25,7 +27,28 @@ DEFAULT_OPTIMIZERS = {"adamhd": "ds_configs/zero2_adamhd.json", "adamw": "ds_con
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + flag(CompareConfig, name)
+
+
+def csv_list(text: str) -> tuple[str, ...]:
+    """A comma-separated command-line list: ``"baseline,outliers"`` -> ``("baseline", "outliers")``."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers from the command line."""
+    try:
+        return tuple(float(x) for x in csv_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def named_config(text: str) -> tuple[str, str]:
+    """``NAME=CONFIG`` from the command line: an optimizer's name and its DeepSpeed config."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=CONFIG, e.g. adamw=ds_configs/zero2_adamw.json")
+    return name.strip(), path.strip()
 
 
 def _is_positive_int(v) -> bool:
@@ -50,42 +73,52 @@ class CompareConfig:
     """Tokens per optimizer step in the baseline arm."""
     micro_batch: int
     """Sequences per rank per forward pass (all arms)."""
-    out_dir: str
+    out_dir: str = option("output folder: one run directory per run, report.md, results.json, the plots",
+                          default_text="runs/compare-<preset>")
     """Output folder: ``runs/`` with one run directory per run, ``report.md``, ``results.json``, the PNGs."""
     lr: Optional[float] = None
     """Peak learning rate of every optimizer (None: the model's default from the GPT-3 table)."""
     weight_decay: float = 0.1
     """λ of every optimizer (decoupled decay of the matrices and embeddings)."""
-    seeds: int = 1
+    seeds: int = option("seeds per arm and optimizer: 0 .. N-1", default=1)
     """Seeds per arm and optimizer: seeds 0 .. seeds-1 (model initialisation and data order)."""
-    arms: tuple = ARMS
+    arms: tuple = option(f"comma-separated, from {', '.join(ARMS)}", type=csv_list, default=ARMS)
     """Which arms to run, from :data:`ARMS`; ``baseline`` is required (the others are compared against it)."""
-    optimizers: dict = field(default_factory=lambda: dict(DEFAULT_OPTIMIZERS))
+    optimizers: dict = option("an optimizer and its DeepSpeed config; repeat for each", flag="optimizer",
+                              action="append", type=named_config, metavar="NAME=CONFIG",
+                              default_factory=lambda: dict(DEFAULT_OPTIMIZERS))
     """``{name: DeepSpeed config path}``; each config's ``"optimizer"`` section names the optimizer."""
-    reference: str = "adamw"
+    reference: str = option("the optimizer the others are measured against", default="adamw")
     """The optimizer the others are compared against (a key of ``optimizers``)."""
-    large_batch_factor: int = 4
+    large_batch_factor: int = option("global-batch multiplier of the large-batch arm", default=4)
     """Global-batch multiplier of the ``large-batch`` arm (the steps are divided by it: same tokens)."""
-    outlier_rate: float = 0.02
+    outlier_rate: float = option("share of micro-batches with an outlier", default=0.02)
     """Share of micro-batches with an outlier gradient in the ``outliers`` arm."""
-    outlier_scale: float = 100.0
+    outlier_scale: float = option("spike size in gradient RMS units, or the multiplier in scale mode",
+                                  default=100.0)
     """Spike size in units of a tensor's gradient RMS (``spike`` mode), or the gradient multiplier (``scale``)."""
-    outlier_fraction: float = 1e-3
+    outlier_fraction: float = option("share of each tensor's entries spiked", default=1e-3)
     """Share of each tensor's entries spiked at an outlier event."""
-    outlier_mode: str = "spike"
+    outlier_mode: str = option("sparse spikes or the whole gradient scaled", choices=("spike", "scale"),
+                               default="spike")
     """``"spike"`` (sparse large entries) or ``"scale"`` (whole gradient × ``outlier_scale``)."""
-    sparsities: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    sparsities: tuple = option("pruning sparsities, comma-separated", type=float_list,
+                               default=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5))
     """Magnitude-pruning sparsities evaluated on the baseline arm's final weights."""
-    prune_scope: str = "global"
+    prune_scope: str = option("one magnitude threshold for all decayed matrices (global) or one per tensor",
+                              choices=("global", "layer"), default="global")
     """``"global"`` (one magnitude threshold over all decayed matrices) or ``"layer"`` (the sparsity per tensor)."""
-    target_loss: Optional[float] = None
+    target_loss: Optional[float] = option("validation loss for steps-to-target",
+                                          default_text="the higher of the two final losses, which both reached",
+                                          default=None)
     """Validation loss for steps-to-target (None: per arm and seed, the higher of the reference's and the
     candidate's final validation losses, i.e. the loss both reached)."""
     eval_interval: int = 20
     """Steps between validation passes of the baseline arm (the large-batch arm: divided by the factor)."""
     eval_batches: int = 8
     """Validation micro-batches per pass during training (the loss curves)."""
-    final_eval_batches: Optional[int] = None
+    final_eval_batches: Optional[int] = option("validation micro-batches for final and pruned models",
+                                               default=None)
     """Validation micro-batches for the final and pruned evaluations (None: the whole validation split)."""
     data: str = "embedded"
     """Corpus: ``"embedded"``, a .txt/.jsonl file or folder, or a hub dataset name."""
@@ -101,19 +134,20 @@ class CompareConfig:
     """Token cache (None: the launcher's default, ``$ADAMHD_DATA_CACHE`` or ``~/.cache/adamhd_dist``)."""
     dtype: Optional[str] = None
     """Training precision for every run (None: the launcher's choice: the config's, fp32 on a CPU)."""
-    nproc: int = 1
+    nproc: int = option("ranks per run (1: one process; more: the deepspeed launcher)", default=1)
     """Ranks per run: 1 runs the launcher as one process; more start it with the ``deepspeed`` launcher."""
-    parallel: int = 1
+    parallel: int = option("runs at the same time", default=1)
     """Runs at the same time (each gets ``cpus // (parallel · nproc)`` threads on a CPU machine)."""
-    run_timeout_s: float = 3600.0
+    run_timeout_s: float = option("seconds per run before it is stopped", flag="run-timeout", default=3600.0)
     """Wall-clock limit per run; a run past it is stopped and reported as failed."""
-    min_effect: float = 0.01
+    min_effect: float = option("smallest loss difference in nats counted as real", default=0.01)
     """Smallest validation-loss difference (nats) counted as real, whatever the seed noise."""
-    alpha: float = 0.05
+    alpha: float = option("level of the two-sided paired t test a loss difference must pass with two seeds or "
+                          "more", default=0.05)
     """Significance level of the paired t test that a loss difference must pass with two seeds or more."""
-    speedup_tolerance: float = 0.05
+    speedup_tolerance: float = option("speed-ups within 1 ± this count as none", default=0.05)
     """Speed-ups within 1 ± this are reported as no measurable difference."""
-    prune_tolerance: float = 0.05
+    prune_tolerance: float = option("relative perplexity increase a pruned model may have", default=0.05)
     """Relative perplexity increase a pruned model may have and still count as tolerating the sparsity."""
 
     def __post_init__(self):
@@ -134,8 +168,8 @@ class CompareConfig:
         if self.global_batch_tokens % self.seq_len:
             raise ValueError(f"--global-batch-tokens ({self.global_batch_tokens}) must be a multiple of --seq-len "
                              f"({self.seq_len})")
-        if self.dtype not in (None, "fp32", "bf16", "fp16"):
-            raise ValueError(f"--dtype must be one of fp32, bf16, fp16 (or omitted), got {self.dtype!r}")
+        if self.dtype not in (None, "auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"--dtype must be one of auto, fp32, bf16, fp16 (or omitted), got {self.dtype!r}")
         if not (isinstance(self.run_timeout_s, (int, float)) and self.run_timeout_s > 0):
             raise ValueError(f"--run-timeout must be a positive number of seconds, got {self.run_timeout_s!r}")
 

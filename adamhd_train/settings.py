@@ -1,4 +1,5 @@
-"""The settings of one pre-training job: a typed dataclass validated on construction, and the command-line counts.
+"""The settings of one pre-training job: a typed dataclass validated on construction, each field declaring its
+command-line option (:mod:`adamhd_train.options`).
 
 :class:`TrainSettings` is what a manifest stores (``manifest.json`` → ``"settings"``); every field is checked in
 ``__post_init__`` with an error that names the option (``--max-steps must be a positive integer, got 0``).
@@ -7,11 +8,14 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from . import options
+from .models import MODEL_NAMES
+from .options import option, parse_count
 
 __all__ = [
     "TrainSettings",
@@ -28,32 +32,10 @@ class SettingsError(ValueError):
     """A bad option or combination of options, found before any work starts; the message names the option."""
 
 
-def parse_count(text: str) -> int:
-    """A whole count from the command line, with an optional k/M/B/G/T suffix or in exponent form: 4096, 375M, 4B,
-    32k, 2.6e11, 1_000. Raises ``argparse.ArgumentTypeError`` (argparse then names the flag)."""
-    t = text.strip().replace("_", "").replace(",", "")
-    scale = {"k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
-    if scale != 1:
-        t = t[:-1]
-    try:
-        value = int(t) * scale  # exact for large integers
-    except ValueError:
-        try:
-            f = float(t) * scale
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a count (examples: 4096, 375M, 4B)") from None
-        if not math.isfinite(f) or f != int(f):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-        value = int(f)
-    return value
-
-
-_FLAG_NAMES = {"deepspeed_config": "deepspeed", "tensorboard": "no-tensorboard"}
-
-
 def flag(name: str) -> str:
-    """The command-line option of a settings field, without the dashes: ``max_steps`` -> ``max-steps``."""
-    return _FLAG_NAMES.get(name, name.replace("_", "-"))
+    """The command-line option of a :class:`TrainSettings` field, without the dashes: ``max_steps`` ->
+    ``max-steps``."""
+    return options.flag(TrainSettings, name)
 
 
 def positive_int(name: str, v) -> int:
@@ -79,73 +61,64 @@ class TrainSettings:
     """
 
     launch: str
-    """Engine: ``"deepspeed"`` (ZeRO, from ``deepspeed_config``) or ``"fsdp"`` (FSDP2)."""
-    deepspeed_config: Optional[str]
-    """Path of the DeepSpeed config as given (deepspeed only)."""
-    model: str
-    """Model size from :data:`adamhd_train.models.MODEL_NAMES`."""
-    seq_len: int
-    """Tokens per training sequence (the model's context)."""
-    global_batch_tokens: int
-    """Tokens per optimizer step at full batch (all ranks and accumulation steps)."""
-    micro_batch: int
-    """Sequences per rank per forward/backward pass."""
-    max_steps: int
-    """Optimizer steps of the whole run."""
-    lr: float
-    """Peak learning rate."""
-    weight_decay: float
-    """λ of the Huber decay for matrices and embeddings (biases and norms are not decayed)."""
-    grad_clip: float
-    """Global gradient-norm clip (0 disables)."""
-    warmup_tokens: int
-    """Linear LR warmup length, tokens."""
-    decay_tokens: int
-    """Tokens at which the cosine decay reaches ``min_lr_ratio`` of the peak (counted from the start)."""
-    min_lr_ratio: float
-    """LR floor as a fraction of the peak."""
-    ramp_tokens: int
-    """Batch-size ramp length, tokens (0: full batch from the first step)."""
-    ramp_start_tokens: int
-    """Global batch at the first step of the ramp, tokens."""
-    dtype: str
-    """Training precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (fp16 with DeepSpeed only, which scales the loss)."""
-    activation_checkpointing: bool
-    """Recompute each block in the backward pass."""
-    seed: int
-    """Seed of the model initialisation and of the data order."""
-    data: str
-    """``"embedded"``, a ``.txt``/``.jsonl`` file or folder, or a hub dataset name."""
-    tokenizer: str
-    """``"local-bpe"`` or a hub tokenizer name."""
-    vocab_size: Optional[int]
-    """Vocabulary of the local BPE (None for a hub tokenizer)."""
-    max_chars: Optional[int]
-    """Cap on the corpus in characters (None: all of it)."""
-    val_fraction: float
-    """Share of the corpus held out for validation."""
-    data_cache: Optional[str]
-    """Token cache folder (None: ``$ADAMHD_DATA_CACHE`` or ``~/.cache/adamhd_dist``)."""
-    out_dir: str
-    """Run directory: checkpoints, metrics, TensorBoard, the manifest and the plot."""
-    resume: str
-    """``"auto"`` (the newest complete checkpoint in ``out_dir`` if any), ``"never"``, or a checkpoint folder."""
-    eval_interval: int
-    """Optimizer steps between validation passes (and one at the end)."""
-    eval_batches: int
-    """Validation micro-batches per rank per pass."""
-    save_interval: int
-    """Optimizer steps between checkpoints (and one at the end)."""
-    log_interval: int
-    """Optimizer steps between ``metrics.jsonl`` records."""
-    keep_checkpoints: int
-    """Complete checkpoints kept on disk (0: all)."""
-    exit_after_steps: Optional[int]
-    """Save a checkpoint and exit after this many steps of this launch (None: run to ``max_steps``)."""
-    peak_tflops: Optional[float]
-    """Peak TFLOP/s per rank for MFU (None: from the hardware)."""
-    tensorboard: bool
-    """Write TensorBoard scalars."""
+    """Engine: ``"deepspeed"`` (ZeRO, from ``deepspeed_config``) or ``"fsdp"`` (FSDP2); set by ``--deepspeed`` or
+    ``--fsdp``."""
+    deepspeed_config: Optional[str] = option(
+        "DeepSpeed config JSON (e.g. ds_configs/zero2_adamhd.json); its batch numbers, precision, clipping and LR "
+        "are set from the options below", flag="deepspeed", metavar="CONFIG")
+    model: str = option("model size: " + ", ".join(MODEL_NAMES),
+                        default_text="gpt3-small on a GPU machine, nano on a CPU-only one")
+    seq_len: int = option("tokens per sequence", default_text="the model's context")
+    global_batch_tokens: int = option("tokens per optimizer step at full batch, all ranks and accumulation steps",
+                                      default_text="the model's, GPT-3 table")
+    micro_batch: int = option("sequences per rank per forward pass",
+                              default_text="the config's train_micro_batch_size_per_gpu, or 8, reduced to divide")
+    max_steps: int = option("optimizer steps of the run",
+                            default_text="GPT-3's 300B tokens for the GPT-3 sizes; nano 1000, tiny 150, mini 50")
+    lr: float = option("peak learning rate", default_text="the model's, GPT-3 table")
+    weight_decay: float = option("weight decay λ of matrices and embeddings (AdamHD: of its Huber decay; biases "
+                                 "and norms are not decayed)", default_text="the config's, or 0.1")
+    grad_clip: float = option("global gradient-norm clip, 0 disables",
+                              default_text="the config's gradient_clipping, or 1.0")
+    warmup_tokens: int = option("linear LR warmup, tokens", default_text="GPT-3's 375M, or 5% of a shorter run")
+    decay_tokens: int = option("tokens at which the cosine decay reaches --min-lr-ratio of the peak, counted from "
+                               "the start", default_text="GPT-3's 260B, or the end of a shorter run")
+    min_lr_ratio: float = option("LR floor as a fraction of the peak", default_text="0.1")
+    ramp_tokens: int = option("batch-size ramp length, tokens, 0 disables",
+                              default_text="GPT-3's 4B, scaled down for a run shorter than 260B tokens")
+    ramp_start_tokens: int = option("global batch at the start of the ramp, tokens", default_text="32k, GPT-3")
+    dtype: str = option("training precision; fp16 needs DeepSpeed, whose fp16 mode scales the loss",
+                        choices=("auto", "fp32", "bf16", "fp16"),
+                        default_text="auto: the DeepSpeed config's, bf16 on GPU for FSDP2; fp32 on a CPU-only "
+                                     "machine, where fp16 is refused")
+    activation_checkpointing: bool = option("recompute each block in the backward pass", default_text="off")
+    seed: int = option("seed of the model initialisation and of the data order", default_text="0")
+    data: str = option("corpus: 'embedded' (Python's own sources, no download), a .txt/.jsonl file or folder, or a "
+                       "hub dataset name (openwebtext, hf:NAME)", default_text="embedded")
+    tokenizer: str = option("'local-bpe' (trained on the corpus) or a hub tokenizer (gpt2)",
+                            default_text="local-bpe")
+    vocab_size: Optional[int] = option("vocabulary of the local BPE",
+                                       default_text="2048 for the CPU sizes, 8192 otherwise")
+    max_chars: Optional[int] = option("use at most this many characters of the corpus", default_text="all")
+    val_fraction: float = option("share of the corpus held out for validation", default_text="0.01")
+    data_cache: Optional[str] = option("token cache folder",
+                                       default_text="$ADAMHD_DATA_CACHE or ~/.cache/adamhd_dist")
+    out_dir: str = option("run directory: checkpoints, metrics, TensorBoard, the manifest and the plot",
+                          default_text="runs/<model>-<config name or fsdp>")
+    resume: str = option("'auto' (the newest complete checkpoint in --out-dir, if any), 'never', or a checkpoint "
+                         "folder", default_text="auto")
+    eval_interval: int = option("optimizer steps between validation passes (and one at the end)",
+                                default_text="a tenth of the run, at most 1000")
+    eval_batches: int = option("validation micro-batches per rank per pass", default_text="10")
+    save_interval: int = option("optimizer steps between checkpoints (and one at the end)",
+                                default_text="--eval-interval")
+    log_interval: int = option("optimizer steps between metrics.jsonl records", default_text="1; 10 above 1000 steps")
+    keep_checkpoints: int = option("complete checkpoints kept, 0 keeps all", default_text="2")
+    exit_after_steps: Optional[int] = option("save a checkpoint and exit after this many steps of this launch "
+                                             "(for time-limited jobs)")
+    peak_tflops: Optional[float] = option("peak TFLOP/s per rank for MFU",
+                                          default_text="the GPU's data sheet, or a CPU estimate")
+    tensorboard: bool = option("do not write TensorBoard scalars", flag="no-tensorboard", action="store_false")
 
     def __post_init__(self):
         if self.launch not in ("deepspeed", "fsdp"):
