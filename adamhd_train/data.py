@@ -655,10 +655,12 @@ class PreparedData:
 
     @property
     def train_path(self) -> Path:
+        """The training split's token file."""
         return self.folder / "train.bin"
 
     @property
     def val_path(self) -> Path:
+        """The validation split's token file."""
         return self.folder / "val.bin"
 
     def tokens(self, split: str = "train") -> np.memmap:
@@ -666,7 +668,8 @@ class PreparedData:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         n = self.train_tokens if split == "train" else self.val_tokens
-        return np.memmap(self.folder / f"{split}.bin", dtype=np.dtype(self.dtype), mode="r", shape=(n,))
+        path = self.train_path if split == "train" else self.val_path
+        return np.memmap(path, dtype=np.dtype(self.dtype), mode="r", shape=(n,))
 
     def load_tokenizer(self):
         """The tokenizer as a ``transformers`` fast tokenizer (from the cache; no network)."""

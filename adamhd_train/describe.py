@@ -36,7 +36,7 @@ def _model_lines(run: ResolvedRun, data, model, groups) -> list[str]:
     n_params = sum(p.numel() for p in model.parameters())
     dec = sum(p.numel() for p in groups[0]["params"]) if groups and groups[0]["weight_decay"] > 0 else 0
     dec_t = len(groups[0]["params"]) if dec else 0
-    lines = [f"model: {s.model} (GPT-2 blocks: {spec.n_layer} layers, d_model {spec.d_model}, {spec.n_head} heads, "
+    lines = [f"model: {s.model} (GPT-2 blocks: {spec.n_layer} layers, d_model {spec.d_model}, {spec.n_head} heads of {spec.d_head}, "
              f"context {s.seq_len}); {n_params:,} parameters with vocabulary {data.vocab_size:,} "
              f"(tied embeddings counted once)",
              f"  decayed (matrices, embeddings): {dec:,} in {dec_t} tensors; undecayed (biases, norms): "
@@ -53,7 +53,8 @@ def _batch_lines(run: ResolvedRun, ctx: LaunchContext) -> list[str]:
     s, plan, d = run.settings, run.plan, run.derived
     src = d.get("schedule_sources", {})
     lines = [f"batch: {plan.describe()}",
-             f"  tokens per step {plan.tokens_per_step:,}; micro-batch {plan.micro_batch}; gradient accumulation "
+             f"  tokens per step {plan.tokens_per_step:,}; micro-batch {plan.micro_batch} "
+             f"({plan.tokens_per_rank_micro_batch:,} tokens per rank); gradient accumulation "
              f"{plan.grad_accum_steps}; world size {ctx.world_size}"]
     if s.ramp_tokens:
         lines.append(f"  batch ramp: {run.ramp.effective_start_tokens:,} -> {plan.tokens_per_step:,} tokens over the "

@@ -1,4 +1,4 @@
-"""GPT-3 model family (SPEC section 4) and tiny CPU sizes, built from config with transformers (no weight download).
+"""GPT-3 model family (Brown et al. 2020, Table 2.1) and tiny CPU sizes, built from config with transformers (no weight download).
 
 The GPT-3 paper alternated dense and locally banded sparse attention; a dense GPT-2 block (pre-LayerNorm,
 GELU MLP of width 4·d_model, learned position embeddings) is the usual stand-in and is what is built here.
@@ -82,11 +82,6 @@ class ModelSpec:
     def d_head(self) -> int:
         """Width of one attention head."""
         return self.d_model // self.n_head
-
-    @property
-    def batch_sequences(self) -> int:
-        """Default global batch in sequences of ``context`` tokens."""
-        return self.batch_tokens // self.context
 
 
 def _gpt3(name, n_layer, d_model, n_head, batch_seqs, lr, nominal):

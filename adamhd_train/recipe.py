@@ -1,4 +1,4 @@
-"""The GPT-3 pre-training schedule (Brown et al. 2020, appendix B; SPEC section 4) as pure functions.
+"""The GPT-3 pre-training schedule (Brown et al. 2020, appendix B) as pure functions.
 
 Units. GPT-3 states its schedule in TOKENS: the global batch (0.5M ... 3.2M tokens per optimizer step), the LR
 warmup (375M tokens), the cosine decay (to 10% of peak at 260B tokens) and the batch-size ramp (32k tokens up to the
@@ -7,7 +7,7 @@ full batch over the first 4-12B tokens). A training loop counts optimizer STEPS 
 
 - :func:`batch_plan` turns a global batch in tokens into micro-batch × ranks × accumulation steps;
 - :class:`BatchRamp` gives the accumulation steps at a consumed-token count, and the tokens consumed before a step;
-- :func:`lr_factor` / :func:`lr_at` are unit-free (position, warmup and decay end in the same unit);
+- :func:`lr_factor` is unit-free (position, warmup and decay end in the same unit);
 - :func:`lr_scheduler` is a ``torch.optim.lr_scheduler.LambdaLR`` counted in steps, or in tokens when given
   ``tokens_at_step`` (e.g. :meth:`BatchRamp.tokens_at_step`).
 
@@ -41,7 +41,6 @@ __all__ = [
     "batch_plan",
     "BatchRamp",
     "lr_factor",
-    "lr_at",
     "lr_scheduler",
 ]
 
@@ -242,14 +241,6 @@ def lr_factor(position: float, *, warmup: float, decay_end: float, min_ratio: fl
         return float(min_ratio)
     progress = (position - warmup) / (decay_end - warmup)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_at(position: float, *, peak_lr: float, warmup: float, decay_end: float,
-          min_ratio: float = GPT3_MIN_LR_RATIO) -> float:
-    """Learning rate at ``position``: ``peak_lr × lr_factor(position, ...)`` (see :func:`lr_factor` for units)."""
-    if not (isinstance(peak_lr, (int, float)) and peak_lr >= 0 and math.isfinite(peak_lr)):
-        raise ValueError(f"peak_lr must be a non-negative finite number, got {peak_lr!r}")
-    return peak_lr * lr_factor(position, warmup=warmup, decay_end=decay_end, min_ratio=min_ratio)
 
 
 def lr_scheduler(

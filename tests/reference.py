@@ -1,4 +1,5 @@
-"""An independent float64 AdamHD, written from SPEC section 1 with numpy (no code shared with the package)."""
+"""An independent float64 AdamHD, written from the update rule with numpy (no code shared with the package):
+Adam's moments and bias corrections, δ = c · EMA of each layer's mean |θ|, then the decoupled Huber decay."""
 
 from __future__ import annotations
 

@@ -322,11 +322,11 @@ def test_t_critical_values_match_the_table():
     ([3.00, 3.10, 2.90], [2.95, 3.08, 2.87]),          # 3 seeds: -0.05, -0.02, -0.03 (mean -0.033, SE 0.0088)
 ])
 def test_few_seeds_negative_control(ref, cand):
-    """A difference twice its standard error is no evidence at 2-3 seeds: the old rule (|mean| > 2 SE) called
-    these real; a paired t test at 5% does not (p = 0.16 and 0.06)."""
+    """A difference twice its standard error is no evidence at 2-3 seeds: a naive rule (|mean| > 2 SE) would
+    call these real; a paired t test at 5% does not (p = 0.16 and 0.06)."""
     diffs = np.array(cand) - np.array(ref)
     se = diffs.std(ddof=1) / math.sqrt(len(diffs))
-    assert abs(diffs.mean()) > max(0.01, 2 * se)           # what the old rule saw
+    assert abs(diffs.mean()) > max(0.01, 2 * se)           # what the naive rule would see
     c = compare_values(ref, cand, min_effect=0.01)
     assert c.outcome == "same"
     assert c.t_critical == pytest.approx(t_critical(len(diffs) - 1))

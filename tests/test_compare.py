@@ -166,7 +166,7 @@ def _meta():
 
 
 def test_verdict_and_report_use_the_paired_t_test_at_three_seeds(tmp_path):
-    """Three seeds whose mean difference is over twice its standard error (the old rule's 'real'), yet not
+    """Three seeds whose mean difference is over twice its standard error (a naive two-standard-error rule would call it real), yet not
     significant in a paired t test: the verdict calls it no measurable difference and names the test, and the
     report states the rule with its critical value."""
     from adamhd_study.report import render_report

@@ -1,7 +1,7 @@
 """AdamHD under DeepSpeed ZeRO-1/2/3, the BF16 optimizer and CPU offload, on CPU ranks (gloo).
 
-Every sharded run is compared with single-process AdamHD on the unsharded model with the same global batch
-(SPEC section 2): after 10 fp32 steps, max|θ − θ_ref| ≤ 1e-5·max|θ_ref| and every δ within 1e-5 relative. The model
+Every sharded run is compared with single-process AdamHD on the unsharded model with the same global batch:
+after 10 fp32 steps, max|θ − θ_ref| ≤ 1e-5·max|θ_ref| and every δ within 1e-5 relative. The model
 (tests/dist_workers_deepspeed.py) has odd shapes so layers straddle ranks and ZeRO pads, tied embeddings, a frozen
 layer and two param groups; runs use gradient accumulation and clipping at 1.0. Each world size is ONE launch that
 builds its engines one after another (see ``suite``), so the whole file costs a few process starts.

@@ -1,10 +1,10 @@
 """AdamHD under PyTorch FSDP2 on CPU (gloo): the sharded step equals one process's, in one collective per step.
 
 Three launches (world sizes 2 and 3, and a 2x2 HSDP mesh on 4 ranks) each run many configurations; the per-rank
-code is in dist_workers_fsdp.py. Tolerances (SPEC section 2): parameters within 1e-5 * max|θ_ref| after 10 fp32
+code is in dist_workers_fsdp.py. Tolerances: parameters within 1e-5 * max|θ_ref| after 10 fp32
 steps, every δ within 1e-5 relative. Each configuration is compared two ways:
 
-- with the single-process run on the whole batch (SPEC's acceptance). The key third of each attention bias is
+- with the single-process run on the whole batch (the acceptance test). The key third of each attention bias is
   left out there: its gradient is zero in exact arithmetic, so it moves on rounding noise that Adam normalises to
   full-size steps, and any change of summation order (the batch split, FSDP2's reduce-scatter) moves it
   differently (measured: up to ~2e-4 of that layer's scale, with torch.optim.AdamW as much as with AdamHD);
@@ -47,7 +47,7 @@ def world4():
 
 def assert_exact_step(ranks, key, *, n_layers=10, group=None):
     """One configuration on every rank: equal to the whole-batch reference and to a single-process AdamHD fed the
-    same gradients (within SPEC's tolerance), ONE all_reduce per optimizer step (and no other collective), over
+    same gradients (params within 1e-5·max|θ_ref|, δ within 1e-5 relative), ONE all_reduce per optimizer step (and no other collective), over
     ``group``, and the same {name: δ} on every rank."""
     for rank, res in enumerate(ranks):
         r = res[key]
@@ -146,7 +146,7 @@ def test_fsdp2_bf16_mixed_precision(world2):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the optimizer updates fp32 master shards, so
     the reference is fp32 AdamHD fed gradients computed as FSDP2 computes them (a bf16 copy of the master weights
     on each rank's slice, gradients cast to fp32 and averaged). An fp32-compute reference would be ~1e-2 away:
-    that is bf16 forward/backward rounding, not the optimizer, so the tolerance stays SPEC's 1e-5."""
+    that is bf16 forward/backward rounding, not the optimizer, so the tolerance stays 1e-5."""
     assert_exact_step(world2, "bf16")
     for r in world2:
         assert r["bf16"]["vs_fp32_ref"] > 1e-3  # bf16 compute really happened

@@ -2,10 +2,9 @@
 offload) and FSDP2 plus ``AdamHDCallback``, a Trainer save/resume, Accelerate's DeepSpeed plugin plus
 ``adamhd_dist.deepspeed.attach``, and Accelerate's FSDP2 in-place parameter swap at world 3.
 
-Every run is compared with single-process AdamHD on the unsharded model with the same global batch (SPEC section
-2: max|θ − θ_ref| ≤ 1e-5·max|θ_ref|, every δ within 1e-5 relative). Negative controls: without the callback, or
-without attach, the first step refuses (before this integration, those runs trained silently with a per-partition
-δ, 1.7e-4 to 2.2e-4 off the reference on this model; the FSDP2 swap crashed every rank with SIGSEGV).
+Every run is compared with single-process AdamHD on the unsharded model with the same global batch (max|θ −
+θ_ref| ≤ 1e-5·max|θ_ref|, every δ within 1e-5 relative). Negative controls: without the callback, or without
+attach, the first step refuses (a per-partition δ would be 1.7e-4 to 2.2e-4 off the reference on this model).
 Two launches (world 2 and world 3; tests/dist_workers_hf.py ``suite`` runs the cases of a world size one after
 another in the same processes).
 """

@@ -1,4 +1,4 @@
-"""SPEC section 1 invariants: the clip form with δ=inf is AdamW, λ=0 is Adam, and the prox step's properties."""
+"""Invariants of the update rule: the clip form with δ=inf is AdamW, λ=0 is Adam, and the prox step's properties."""
 
 import math
 

@@ -91,7 +91,8 @@ def test_deepspeed_launcher_end_to_end(ds_run):
     assert m["deepspeed_config_source"]["bf16"]["enabled"] is True
     text = launch.output
     for printed in ("global batch 1,024 tokens = 16 sequences x 64 tokens = micro-batch 4 x 2 rank(s) x 2",
-                    "tokens per step 1,024; micro-batch 4; gradient accumulation 2; world size 2",
+                    "tokens per step 1,024; micro-batch 4 (256 tokens per rank); gradient accumulation 2; "
+                    "world size 2",
                     "decayed (matrices, embeddings):", "the config asks for bf16; training in fp32",
                     "engine: DeepSpeed ZeRO-2", "MFU: CPU estimate", "train loss"):
         assert printed in text, printed

@@ -1,4 +1,4 @@
-"""Every path of AdamHD against the independent float64 reference (tests/reference.py), per SPEC section 1."""
+"""Every path of AdamHD against the independent float64 reference (tests/reference.py)."""
 
 import itertools
 import math
@@ -155,7 +155,7 @@ def test_functional_accepts_tensor_steps_and_strided_deltas(path, monkeypatch):
 def test_float64_parameters_are_updated_in_float64(path, mode, decay):
     """A drop-in for torch.optim.AdamW takes fp64 parameters and computes in fp64: 20 steps follow the float64
     reference within 1e-9, a hundred times below what an fp32 update reaches (~1e-7). (μ and δ are fp32 scalars by
-    SPEC, so coordinates in the Huber's linear region carry δ's fp32 rounding, τ·δ·6e-8 per step.)"""
+    design, so coordinates in the Huber's linear region carry δ's fp32 rounding, τ·δ·6e-8 per step.)"""
     from reference import RefAdamHD
 
     gen = torch.Generator().manual_seed(5)

@@ -7,7 +7,7 @@ import torch
 
 from adamhd_train.models import MODEL_NAMES, build_model, count_parameters, flops_per_token, model_spec
 
-# Brown et al. 2020, Table 2.1 (SPEC section 4): name -> (params, layers, d_model, batch tokens, lr)
+# Brown et al. 2020, Table 2.1: name -> (params, layers, d_model, batch tokens, lr)
 GPT3_TABLE = {
     "gpt3-small": (125e6, 12, 768, 0.5e6, 6.0e-4),
     "gpt3-medium": (350e6, 24, 1024, 0.5e6, 3.0e-4),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adamhd_train.recipe import (GPT3_DECAY_TOKENS, GPT3_WARMUP_TOKENS, BatchRamp, batch_plan, lr_at, lr_factor,
+from adamhd_train.recipe import (GPT3_DECAY_TOKENS, GPT3_WARMUP_TOKENS, BatchRamp, batch_plan, lr_factor,
                                 lr_scheduler)
 
 
@@ -109,7 +109,7 @@ def test_lr_warmup_then_cosine_to_ten_percent():
     assert f(e) == pytest.approx(0.1) and f(10 * e) == pytest.approx(0.1)
     pts = [w + i * (e - w) / 50 for i in range(51)]
     assert all(f(a) > f(b) for a, b in zip(pts, pts[1:]))
-    assert lr_at(w, peak_lr=6e-4, warmup=w, decay_end=e) == pytest.approx(6e-4)
+    assert lr_factor(w, warmup=w, decay_end=e) == pytest.approx(1.0)
     assert lr_factor(0, warmup=0, decay_end=100) == 1.0
 
 

@@ -305,7 +305,7 @@ def test_a_copied_optimizer_steps_like_the_original(how, tmp_path):
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_layer_holding_nan_gets_no_decay_on_every_path(path):
     """A NaN in θ makes the layer's mean |θ| NaN: its δ is 0 (no decay) on every path, the other elements step as
-    Adam, and nothing raises (one path used to raise, another to spread NaN through the decay)."""
+    Adam, and nothing raises or spreads NaN through the decay."""
     w = torch.randn(4, 4)
     w[0, 0] = float("nan")
     p, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())

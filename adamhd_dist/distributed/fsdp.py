@@ -15,7 +15,7 @@ HSDP (replicate across groups of ranks, shard inside each group) takes a 2-D mes
 The optimizer needs nothing else: AdamHD sees DTensor parameters and reduces its per-layer statistic over the
 shard dimension in one collective per step (:mod:`adamhd_dist.distributed.dtensor`).
 
-FSDP1 (``FullyShardedDataParallel``) is not supported; see :func:`fsdp1_unsupported_error`.
+FSDP1 (``FullyShardedDataParallel``) is refused by AdamHD with :data:`FSDP1_MESSAGE`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,7 @@ from torch import nn
 
 from ..optim.layer_stats import FSDP1_MESSAGE
 
-__all__ = ["apply_fsdp", "transformer_blocks", "fsdp1_unsupported_error", "FSDP1_MESSAGE"]
-
-def fsdp1_unsupported_error() -> ValueError:
-    """The error AdamHD raises for parameters managed by FSDP1 (see :data:`FSDP1_MESSAGE` for why)."""
-    return ValueError(f"params: {FSDP1_MESSAGE}")
+__all__ = ["apply_fsdp", "transformer_blocks", "FSDP1_MESSAGE"]
 
 
 def transformer_blocks(model: nn.Module, block_classes: Iterable[str | type] | None = None) -> list[nn.Module]:

@@ -386,7 +386,7 @@ def layer_abs_sums_cpu(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     (:data:`SUM_REL_ERROR` = 4.2e-7: a float32 sum of 8 non-negative terms errs by at most 7 * 2**-24 / (1 - 7 * 2**-24)
     = 4.172e-7 relative; the float64 steps add less than 1e-9; the absolute term only concerns values below 2**-122,
     whose scaling by 2**-4 rounds). The layer threshold δ = c * Σ|x| / numel is therefore within 4.2e-7 relative of
-    its exact value, against SPEC's 1e-5 tolerance for δ. (Accumulating every ``|x|`` exactly in float64 costs two
+    its exact value, well inside the 1e-5 relative agreement asked of every δ under sharding. (Accumulating every ``|x|`` exactly in float64 costs two
     conversions and two double additions per 8 elements inside the update loop, which made the fused step measurably
     slower than DeepSpeedCPUAdam; this costs one fused multiply-add.)
     """
