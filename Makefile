@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # The embedded default through the deepspeed launcher: 2 CPU ranks (GPUs hidden), ZeRO-2 AdamHD, the nano model on
 # Python's own sources (no download). Each run writes a new folder under runs/ (RUN_DIR=... to choose it).
 RUN_DIR     ?= runs/embedded-$(shell date +%Y%m%d-%H%M%S)
-MASTER_PORT ?= 29500
+# MASTER_PORT=... picks rank 0's port (default: the deepspeed launcher's own).
 run: install
-	CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port $(MASTER_PORT) \
+	CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu $(BIN)/deepspeed --num_gpus 2 --master_addr 127.0.0.1 $(if $(MASTER_PORT),--master_port $(MASTER_PORT)) \
 		launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json --out-dir $(RUN_DIR)
 
 test: install

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from adamhd_dist.fsutil import atomic_write
 from adamhd_train import cli
 from adamhd_train.checkpoints import latest_checkpoint, read_trainer_state
 from adamhd_train.manifest import read_manifest
@@ -68,14 +69,11 @@ def _resume_offset(rest: list[str]) -> int:
 
 def _write_events(path: Path, offset: int, events: list[dict]) -> None:
     """Rank 0: the run's events, after those an interrupted launch logged before its checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
     if offset and path.is_file():
         kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         kept = [ev for ev in kept if ev.get("micro_batch", offset) < offset]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(ev) + "\n" for ev in kept + events))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(json.dumps(ev) + "\n" for ev in kept + events)))
 
 
 def main(argv: list[str] | None = None) -> int:

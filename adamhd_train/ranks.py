@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .ports import free_port
+from .ports import DEFAULT_MASTER_PORT, free_port
 
 __all__ = ["LaunchContext", "launch_context", "init_process_group", "available_cpus"]
 
@@ -90,7 +90,7 @@ def init_process_group(launch: str, ctx: LaunchContext, master_port: Optional[in
         # deepspeed is imported here only: an FSDP2 run (and an install without the deepspeed extra) never loads it
         import deepspeed
 
-        port = master_port or int(os.environ.get("MASTER_PORT", 29500))
+        port = master_port or int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=ctx.launcher == "mpirun",
                                    distributed_port=port, verbose=False)
     else:

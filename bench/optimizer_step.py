@@ -40,6 +40,7 @@ import torch
 
 from adamhd_dist import AdamHD  # noqa: E402
 from adamhd_dist.distributed.layout import FlatLayerStats, FlatLayout, Fragment  # noqa: E402
+from adamhd_dist.fsutil import atomic_write  # noqa: E402
 from adamhd_dist.optim.kernels import cpu as kcpu  # noqa: E402
 
 HP = dict(lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -377,10 +378,7 @@ def main(argv=None):
     if args.device in ("all", "cuda") and torch.cuda.is_available():
         rows += run_device(torch.device("cuda"), args.gpu_d_model, args.reps, args.warmup, "AdamW fused (torch)")
     result = dict(machine=machine_info(), hyperparameters=HP, command=" ".join(["python", *sys.argv]), rows=rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: json.dump(result, f, indent=1))
 
     print(f"machine: {result['machine']}")
     print("| device | ISA | layout | optimizer | params | ms/step | GB/s | ratio vs baseline |")

@@ -84,6 +84,8 @@ def repo(tmp_path):
     r = tmp_path / "repo"
     (r / "launch" / "slurm").mkdir(parents=True)
     shutil.copy(SLURM_DIR / "plan.py", r / "launch" / "slurm" / "plan.py")
+    (r / "adamhd_train").mkdir()
+    shutil.copy(ROOT / "adamhd_train" / "ports.py", r / "adamhd_train" / "ports.py")  # the default port
     (r / "launch" / "pretrain_gpt3.py").write_text("")
     (r / "ds_configs").mkdir()
     for name in ("zero2_adamhd.json", "zero3_adamhd.json"):

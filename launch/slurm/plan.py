@@ -48,7 +48,20 @@ import sys
 LAUNCHERS = ("deepspeed", "torchrun", "mpirun")
 DEFAULT_CONFIG = "ds_configs/zero2_adamhd.json"
 DEFAULT_SCRIPT = "launch/pretrain_gpt3.py"
-DEFAULT_PORT = 29500
+
+def _default_port() -> int:
+    # One definition of the default rendezvous port, in the repository's stdlib-only ports module (loaded by path:
+    # this script runs outside the job's Python environment, e.g. before srun enters a container).
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "adamhd_train", "ports.py")
+    spec = importlib.util.spec_from_file_location("_adamhd_ports", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DEFAULT_MASTER_PORT
+
+
+DEFAULT_PORT = _default_port()
 DEFAULT_WORKDIR = "/workspace"
 # In the one command srun runs on every node, the node's rank is SLURM's own SLURM_NODEID.
 NODE_RANK_VAR = "SLURM_NODEID"
