@@ -13,3 +13,25 @@ command) is its command line.
   :mod:`~adamhd_train.describe`: the run directory's contents and what a run prints;
 - :mod:`~adamhd_train.demo`, :mod:`~adamhd_train.ports`: a one-process demo, a free loopback port.
 """
+
+import importlib.util as _util
+
+TRAIN_EXTRA = ("deepspeed", "transformers", "datasets", "tokenizers", "numpy", "scipy", "tqdm", "matplotlib",
+               "tensorboard")
+"""What the app and the study import beyond torch: the ``[train]`` extra of the distribution (pyproject.toml)."""
+
+
+class MissingExtraError(ModuleNotFoundError):
+    """The app or the study was imported without the ``[train]`` extra; the message says what to install."""
+
+
+def _check_train_extra() -> None:
+    missing = [m for m in TRAIN_EXTRA if _util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"the pre-training app and the comparison study (adamhd_train, adamhd_study) need the [train] extra; "
+            f"missing: {', '.join(missing)}. Install it with: pip install \"adamhd_dist[train]\" (in a checkout: "
+            f"pip install -e \".[train]\", or make install)", name=missing[0])
+
+
+_check_train_extra()

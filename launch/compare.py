@@ -26,7 +26,15 @@ outliers (the baseline plus rare injected outlier gradients, the same events for
 same command reuses runs that finished. Counts accept k/M/B suffixes (4M, 2k).
 """
 
-from adamhd_study.cli import main
+import sys
+
+try:
+    from adamhd_study.cli import main
+except ModuleNotFoundError as e:  # an install without the [train] extra: say which to install, no traceback
+    if type(e).__name__ != "MissingExtraError":
+        raise
+    print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+    raise SystemExit(2)
 
 if __name__ == "__main__":
     raise SystemExit(main(description=__doc__))

@@ -90,6 +90,12 @@ def test_core_installs_and_steps_with_torch_alone(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout.strip()
     assert out.startswith("no deepspeed") and str(venv) in out, out  # the installed copy, in a torch-only world
+    # the app and the study, installed without their extra, say which extra to install (no bare ModuleNotFoundError)
+    for script in ("pretrain_gpt3.py", "compare.py"):
+        app = subprocess.run([py, str(ROOT / "launch" / script), "--help"], capture_output=True, text=True,
+                             timeout=300, env=env, cwd=tmp_path)
+        assert app.returncode == 2, app.stdout + app.stderr
+        assert 'pip install "adamhd_dist[train]"' in app.stderr and "Traceback" not in app.stderr, app.stderr
 
 
 def test_importing_the_core_loads_no_engine():
