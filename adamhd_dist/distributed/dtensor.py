@@ -13,7 +13,7 @@ The optimizer sets it up by itself when a DTensor parameter appears: given to it
 in place by an engine (Accelerate's FSDP2 ``prepare``).
 
 Which ranks are summed: the union ``S`` of the mesh dimensions on which some parameter has a ``Shard``
-placement. FSDP2 gives ``S = {shard}``; HSDP's 2-D (replicate, shard) mesh also gives ``S = {shard}``, so the
+placement (``Shard``, or the ``_StridedShard`` FSDP2 over TP gives). FSDP2 gives ``S = {shard}``; HSDP's 2-D (replicate, shard) mesh also gives ``S = {shard}``, so the
 replicate dimension, whose ranks hold copies, is never summed. With several sharded dimensions (FSDP + tensor
 parallel) the collective runs over the flattened sub-mesh of ``S`` (the mesh needs ``mesh_dim_names``); a layer
 that is replicated along a dimension of ``S`` is counted once, from the rank at coordinate 0 of that dimension.
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, placement_types
 
 from ..optim.layer_stats import LayerStats
 from ..optim.stats import delta_setting
@@ -42,6 +42,16 @@ __all__ = ["DTensorLayerStats", "is_dtensor"]
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
     return isinstance(t, DTensor)
+
+
+_STRIDED = getattr(placement_types, "_StridedShard", ())
+
+
+def is_sharded(placement) -> bool:
+    """Whether a mesh dimension's placement splits the tensor: ``Shard``, or the ``_StridedShard`` FSDP2 gives a
+    tensor-parallel parameter on its data-parallel dimension (not a ``Shard`` subclass, so ``is_shard()`` says
+    False for it). The local tensors of the ranks along such a dimension hold disjoint parts of the layer."""
+    return placement.is_shard() or isinstance(placement, _STRIDED)
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,7 @@ class DTensorLayerStats(LayerStats):
                     raise ValueError(f"params: a DTensor parameter of shape {tuple(p.shape)} has a Partial "
                                      f"placement {p.placements}; parameters must be Shard or Replicate")
         stat_dt = [p for p in params if is_dtensor(p)]
-        dims = tuple(sorted({d for p in stat_dt for d, pl in enumerate(p.placements) if pl.is_shard()}))
+        dims = tuple(sorted({d for p in stat_dt for d, pl in enumerate(p.placements) if is_sharded(pl)}))
         group = self._group(mesh, dims) if dims else None
         self._plan = _Plan(mesh=mesh, dims=dims, group=group)
         self._plan_key = key
@@ -148,7 +158,7 @@ class DTensorLayerStats(LayerStats):
         """1.0 when this rank's local sum of ``p`` counts towards the reduced sum, 0.0 for a replica that must
         not be counted twice (Replicate on a summed dimension, at a coordinate other than 0)."""
         for d in dims:
-            if not p.placements[d].is_shard() and p.device_mesh.get_local_rank(d) != 0:
+            if not is_sharded(p.placements[d]) and p.device_mesh.get_local_rank(d) != 0:
                 return 0.0
         return 1.0
 
