@@ -10,17 +10,9 @@ gradients, complex parameters and the shared error checks behave as torch.optim'
 import copy
 import math
 import pickle
-import sys
-import types
-import unittest
 
 import pytest
 import torch
-
-try:
-    import expecttest  # noqa: F401 - torch's test utilities import it; only its TestCase base is used here
-except ImportError:  # not installed with torch: give its TestCase, which the optimizer test data never runs
-    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import ExponentialLR, StepLR
 from torch.testing._internal.common_optimizers import (OptimizerErrorEnum, OptimizerInfo,
