@@ -249,6 +249,62 @@ def test_a_step_that_raises_changes_nothing(case, monkeypatch):
     _unchanged(opt, params, snap)
 
 
+def test_a_moment_of_another_shape_is_refused_by_load_before_anything_changes():
+    """torch.optim loads such a state and its next step fails part way through the update; AdamHD refuses it at
+    load time, naming the tensor."""
+    params = _params()
+    opt = AdamHD(params, weight_decay=0.1)
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    opt.step()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][1]["exp_avg_sq"] = torch.zeros(7)
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"parameter 1 \(key 1\) has exp_avg_sq of shape \(7,\), the parameter "
+                                         r"has shape \(3,\)"):
+        opt.load_state_dict(bad)
+    _unchanged(opt, params, snap)
+
+
+def test_a_missing_fused_kernel_is_found_before_an_earlier_group_steps(monkeypatch):
+    """fp64 tensors take the foreach math inside fused=True and need no kernel: without the check up front the
+    first group would step before the second group found the kernel missing."""
+    from adamhd_dist.optim.kernels import cpu
+
+    wide = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))]
+    narrow = _params()
+    opt = AdamHD([{"params": wide}, {"params": narrow}], fused=True, weight_decay=0.1)
+    for t in range(2):
+        for p, g in zip(wide + narrow, _grads(wide + narrow, t)):
+            p.grad = g
+        if t == 0:
+            opt.step()  # the real kernel: state and μ exist
+    snap = _snapshot(opt, wide + narrow)
+
+    def no_kernel(isa=None):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(cpu, "load", no_kernel)
+    with pytest.raises(RuntimeError, match=r"fused=True: the CPU kernel is unavailable \(no C\+\+ compiler\)"):
+        opt.step()
+    _unchanged(opt, wide + narrow, snap)
+
+
+def test_the_cpu_kernel_checks_every_tensor_before_it_writes_one():
+    """What makes a fused step all or nothing within its call: a tensor the kernel refuses (here not contiguous)
+    leaves the tensors before it in the list unwritten."""
+    from adamhd_dist.optim.kernels import cpu
+
+    p = [torch.randn(64), torch.randn(8, 8).t()]
+    g = [torch.randn(64), torch.randn(8, 8).t()]
+    m = [torch.zeros(64), torch.zeros(8, 8).t()]
+    v = [torch.zeros(64), torch.zeros(8, 8).t()]
+    before = [t.clone() for t in p + m + v]
+    with pytest.raises(RuntimeError, match="tensor 1 is not contiguous"):
+        cpu.fused_adamhd_cpu_(p, g, m, v, step_sizes=[1e-3] * 2, bc2_sqrts=[0.1] * 2, deltas=[1.0] * 2, lr=1e-3,
+                              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox")
+    assert all(torch.equal(a, b) for a, b in zip(p + m + v, before))
+
+
 def test_capturable_fused_cpu_as_adamw_and_step_on_the_device():
     ref, ropt = _run(AdamW, dict(capturable=True, fused=True, weight_decay=0.1), steps=5)
     got, gopt = _run(AdamHD, dict(capturable=True, fused=True, weight_decay=0.1, **AS_ADAMW), steps=5)

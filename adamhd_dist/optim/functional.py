@@ -121,6 +121,7 @@ def check_path(path: str, params: Sequence[Tensor], steps=(), *, capturable: boo
             raise RuntimeError("`fused` does not support `differentiable`")
         for p in params:
             check_fused_param(p)
+        _check_fused_kernel(params)
         return
     if path == "foreach" and differentiable:
         raise AssertionError("_foreach ops don't support autograd")
@@ -137,6 +138,33 @@ def check_fused_param(p: Tensor) -> None:
     if not (p.device.type in FUSED_DEVICES and torch.is_floating_point(p)):
         raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
                            f"supported devices: {list(FUSED_DEVICES)} but {p.dtype} and {p.device.type}")
+
+
+def _check_fused_kernel(params: Sequence[Tensor]) -> None:
+    """The kernel a fused step will call is there (a missing compiler or Triton is found before the step writes
+    anything, also in an earlier param group). The result of the first load is cached by the kernel modules."""
+    if not params:
+        return
+    device = params[0].device
+    triton = device.type == "cuda" or FUSED_CPU_BACKEND == "triton"
+    kernel_dtypes = _TRITON_DTYPES if triton else _CPU_KERNEL_DTYPES
+    if not any(p.dtype in kernel_dtypes for p in params):
+        return  # every tensor takes the foreach math inside fused=True
+    if triton:
+        from .kernels import triton_adamhd
+
+        if not triton_adamhd.available():
+            raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[triton]')")
+    elif device.type == "cpu":
+        from .kernels import cpu
+
+        try:
+            cpu.load()
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with the choice to make
+            raise RuntimeError(f"fused=True: the CPU kernel is unavailable ({exc}); install a C++ compiler (and "
+                               f"ninja), or use foreach=True") from exc
 
 
 _warned_fallback = False

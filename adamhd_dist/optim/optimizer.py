@@ -171,8 +171,12 @@ class AdamHD(Optimizer):
     and imaginary parts two independent coordinates). The per-layer statistic and the Huber decay are defined on
     that view: ``s = Σ(|Re θ| + |Im θ|) / (2n)`` and each part is decayed on its own.
 
-    A step that raises changes nothing (parameters, moments, step counters, μ): what torch.optim checks for every
-    optimizer is checked, in its words, before anything is written.
+    A step that raises on its inputs changes nothing (parameters, moments, step counters, μ): what torch.optim
+    checks for every optimizer, the path's requirements and the fused kernel's presence are checked for every
+    group before anything is written (torch's words where torch checks it), a moment of another shape than its
+    parameter is refused by :meth:`load_state_dict`, and each kernel call checks all its tensors before it writes
+    one. A failure that no check can foresee (memory exhausted, an interrupt) in a later param group leaves the
+    groups before it stepped; the state this step created and μ are put back.
 
     AdamHD never steps a tensor it cannot place in a layer: a tensor in a group that needs the statistic which is
     neither a parameter it was given, nor covered by its layer-statistic strategy, nor a DTensor, stops the step
@@ -357,7 +361,8 @@ class AdamHD(Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None):
         """One AdamHD step for every parameter that has a gradient (with autograd recording it when the optimizer
-        was built with ``differentiable=True``, as torch.optim does). A step that raises changes nothing."""
+        was built with ``differentiable=True``, as torch.optim does). A step that raises on its inputs changes
+        nothing (see the class docstring)."""
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             return self._step(closure)
 
@@ -436,7 +441,8 @@ class AdamHD(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an AdamHD state_dict exactly, or an AdamW one, with or without amsgrad (keeps step, moments and
         ``max_exp_avg_sq``; μ starts from the next step's statistic). μ is kept in fp32 whatever the parameter
-        dtype. A state dict that does not fit (another number of groups, a bad hyperparameter) changes nothing."""
+        dtype. A state dict that does not fit (another number of groups, a bad hyperparameter, a moment of another
+        shape than its parameter) changes nothing."""
         state_dict = dict(state_dict)
         layer_state = state_dict.pop("layer_state", None)
         saved_layout = state_dict.pop("flat_layout", None)
@@ -458,6 +464,7 @@ class AdamHD(Optimizer):
         state_dict["param_groups"] = groups
         self.layer_stats.check_saved(layer_state, saved_layout)
         saved_state = state_dict["state"]
+        _check_state_shapes(groups, self.param_groups, saved_state)
         mus = {k: v["delta_ema"] for k, v in saved_state.items() if "delta_ema" in v}
         state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "delta_ema"}
                                for k, v in saved_state.items()}
@@ -487,3 +494,19 @@ class AdamHD(Optimizer):
             self._last_deltas = last = expanded
         return {p: float(d) for p, d in last.items()}
 
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _check_state_shapes(saved_groups, groups, saved_state) -> None:
+    """Refuse, before anything is loaded, a moment whose shape is not its parameter's: the update would fail on it
+    part way through a step, after other tensors were written."""
+    for gi, (saved, current) in enumerate(zip(saved_groups, groups)):
+        for j, (key, p) in enumerate(zip(saved["params"], current["params"])):
+            st = saved_state.get(key) or {}
+            for name in _MOMENTS:
+                t = st.get(name)
+                if isinstance(t, Tensor) and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict: the state of param group {gi}, parameter {j} (key {key!r}) has "
+                                     f"{name} of shape {tuple(t.shape)}, the parameter has shape {tuple(p.shape)}: "
+                                     f"a state saved for another model (or another sharding) cannot be loaded")
