@@ -305,6 +305,90 @@ def test_the_cpu_kernel_checks_every_tensor_before_it_writes_one():
     assert all(torch.equal(a, b) for a, b in zip(p + m + v, before))
 
 
+def _kernel_calls(monkeypatch, backend):
+    """Records, per call of the fused kernel (C++, or Triton run by its interpreter on CPU tensors), whether it
+    was given the running maxima (amsgrad)."""
+    import adamhd_dist.optim.functional as F
+    from adamhd_dist.optim.kernels import cpu, triton_adamhd
+
+    monkeypatch.setattr(F, "FUSED_CPU_BACKEND", backend)
+    module, name = (cpu, "fused_adamhd_cpu_") if backend == "cpp" else (triton_adamhd, "fused_adamhd_triton_")
+    calls, kernel = [], getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(k.get("max_exp_avg_sqs") is not None)
+        return kernel(*a, **k)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _amsgrad_run(cls, kw, steps=10, bad_step=None):
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(37, 300, generator=g)), torch.nn.Parameter(torch.randn(5000, generator=g)),
+              torch.nn.Parameter(torch.randn(3, generator=g))]
+    opt = cls(params, lr=1e-2, amsgrad=True, **kw)
+    for t in range(steps):
+        for p in params:  # large then small gradients: v falls below its running maximum
+            p.grad = torch.randn(p.shape, generator=g) * (3.0 if t % 4 == 0 else 0.1)
+            if t == bad_step:
+                p.grad.view(-1)[::97] = float("nan")
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(weight_decay=0.0, maximize=True),
+                                dict(weight_decay=0.1, maximize=True, capturable=True)],
+                         ids=["decay", "maximize", "maximize_capturable"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_amsgrad_runs_in_the_kernel_as_adamw(kw, backend, monkeypatch):
+    calls = _kernel_calls(monkeypatch, backend)
+    ref, ropt = _amsgrad_run(AdamW, dict(kw, fused=True))
+    calls.clear()  # AdamW's own fused step is torch's
+    got, gopt = _amsgrad_run(AdamHD, dict(kw, fused=True, **AS_ADAMW))
+    assert calls and all(calls)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        sa, sb = ropt.state[a], gopt.state[b]
+        torch.testing.assert_close(sb["max_exp_avg_sq"], sa["max_exp_avg_sq"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-6, atol=0)
+    assert bool((gopt.state[got[0]]["max_exp_avg_sq"] > gopt.state[got[0]]["exp_avg_sq"]).any())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_amsgrad_prox_with_the_statistic_equals_the_loop_and_masks_nonfinite_grads(backend, monkeypatch):
+    calls = _kernel_calls(monkeypatch, backend)
+    kw = dict(weight_decay=0.1, delta_mode="ema", decay="prox", delta_scale=0.5)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        ref, ropt = _amsgrad_run(AdamHD, dict(kw, foreach=False, fused=False), bad_step=5)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        got, gopt = _amsgrad_run(AdamHD, dict(kw, fused=True), bad_step=5)
+    assert calls and all(calls)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "delta_ema"):  # m crosses 0: an absolute floor
+            torch.testing.assert_close(gopt.state[b][key], ropt.state[a][key], rtol=1e-6,
+                                       atol=1e-7 if key == "exp_avg" else 1e-12)
+
+
+FUSED_INPUTS = [i for i in INPUTS if i.kwargs.get("fused")]
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("optim_input", FUSED_INPUTS, ids=[i.desc for i in FUSED_INPUTS])
+def test_fused_adamw_inputs_step_as_adamw_through_the_triton_kernel(optim_input, capturable, monkeypatch):
+    """torch's fused AdamW inputs (maximize and amsgrad among them), plain and capturable, through the Triton
+    kernel (its interpreter, on CPU tensors)."""
+    calls = _kernel_calls(monkeypatch, "triton")
+    kw = dict(optim_input.kwargs, capturable=capturable)
+    ref, ropt = _run(AdamW, kw)
+    got, gopt = _run(AdamHD, {**kw, **AS_ADAMW})
+    assert len(calls) == 20
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        for key, value in ropt.state[a].items():
+            torch.testing.assert_close(gopt.state[b][key], value, rtol=1e-5, atol=1e-9)
+
+
 def test_capturable_fused_cpu_as_adamw_and_step_on_the_device():
     ref, ropt = _run(AdamW, dict(capturable=True, fused=True, weight_decay=0.1), steps=5)
     got, gopt = _run(AdamHD, dict(capturable=True, fused=True, weight_decay=0.1, **AS_ADAMW), steps=5)

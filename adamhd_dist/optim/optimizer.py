@@ -140,7 +140,7 @@ class AdamHD(Optimizer):
         weight_decay: λ, the decay strength, τ = α·λ (default 1e-2, as AdamW); 0 turns the decay (and the
             statistic) off for a group.
         amsgrad: as AdamW: the denominator uses the running maximum of ``v`` (state ``max_exp_avg_sq``, AdamW's
-            key) (default False). ``fused=True`` computes it with the foreach ops.
+            key) (default False); the fused kernels keep it in the same pass.
         maximize: as AdamW: ascend the objective (the gradient's sign is flipped) (default False).
         foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device (the fused
             kernel: C++ on the CPU, Triton on CUDA).
