@@ -2,8 +2,9 @@
 
 δ needs, per layer (one original, unsharded parameter tensor), ``Σ|θ|`` over the WHOLE layer and its true numel.
 Which tensors the optimizer updates, which layer each belongs to, and how partial sums become whole-layer sums
-depend on how the model is sharded; the optimizer asks a :class:`LayerStats` for all three and computes δ itself,
-in one place (:func:`adamhd_dist.optim.stats.advance_deltas`). Strategies:
+depend on how the model is sharded, and so does where per-layer state (μ) lives. The optimizer asks its
+:class:`LayerStats` for all of it through the calls its docstring lists, and knows no sharding itself; every
+strategy computes δ through the one function :func:`adamhd_dist.optim.stats.advance_deltas`. Strategies:
 
 - :class:`LayerStats` (this module, the default): every parameter is a whole layer on this process;
 - ``DTensorLayerStats`` (:mod:`adamhd_dist.distributed.dtensor`): DTensor parameters (FSDP2, HSDP, TP); the
@@ -11,11 +12,12 @@ in one place (:func:`adamhd_dist.optim.stats.advance_deltas`). Strategies:
 - ``FlatLayerStats`` (:mod:`adamhd_dist.distributed.layout`): flat per-rank buffers that hold parts of many
   layers (DeepSpeed ZeRO); the sums of every layer are reduced once per training step.
 
-A strategy also says which tensors it can *place*. The optimizer refuses to step a tensor that needs a statistic
-and that nobody can place (:class:`UnplacedTensorError`): that is how a per-shard statistic would otherwise be
-computed silently (a ZeRO partition handed to the optimizer by an engine it was not attached to).
+A strategy also says which tensors it can *place*, and refuses to let the optimizer step a tensor that needs a
+statistic and that nobody can place (:class:`UnplacedTensorError`): that is how a per-shard statistic would
+otherwise be computed silently (a ZeRO partition handed to the optimizer by an engine it was not attached to). The
+default strategy also refuses FSDP1's flat-parameter views (``_fsdp_flattened``), the one engine mark it reads.
 
-This module knows no engine: the DTensor strategy is found through :func:`register_auto_strategy`, which the
+This module imports no engine: the DTensor strategy is found through :func:`register_auto_strategy`, which the
 package root fills in (``adamhd_dist/__init__.py``), so the optimizer sets it up by itself when DTensor parameters
 appear, also when an engine swaps them into its param groups in place (Accelerate's FSDP2 ``prepare``).
 """
