@@ -10,17 +10,9 @@ gradients, complex parameters and the shared error checks behave as torch.optim'
 import copy
 import math
 import pickle
-import sys
-import types
-import unittest
 
 import pytest
 import torch
-
-try:
-    import expecttest  # noqa: F401 - torch's test utilities import it; only its TestCase base is used here
-except ImportError:  # not installed with torch: give its TestCase, which the optimizer test data never runs
-    sys.modules["expecttest"] = types.SimpleNamespace(TestCase=unittest.TestCase)
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import ExponentialLR, StepLR
 from torch.testing._internal.common_optimizers import (OptimizerErrorEnum, OptimizerInfo,
@@ -255,6 +247,146 @@ def test_a_step_that_raises_changes_nothing(case, monkeypatch):
     with pytest.raises((AssertionError, RuntimeError)):
         opt.step()
     _unchanged(opt, params, snap)
+
+
+def test_a_moment_of_another_shape_is_refused_by_load_before_anything_changes():
+    """torch.optim loads such a state and its next step fails part way through the update; AdamHD refuses it at
+    load time, naming the tensor."""
+    params = _params()
+    opt = AdamHD(params, weight_decay=0.1)
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    opt.step()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][1]["exp_avg_sq"] = torch.zeros(7)
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"parameter 1 \(key 1\) has exp_avg_sq of shape \(7,\), the parameter "
+                                         r"has shape \(3,\)"):
+        opt.load_state_dict(bad)
+    _unchanged(opt, params, snap)
+
+
+def test_a_missing_fused_kernel_is_found_before_an_earlier_group_steps(monkeypatch):
+    """fp64 tensors take the foreach math inside fused=True and need no kernel: without the check up front the
+    first group would step before the second group found the kernel missing."""
+    from adamhd_dist.optim.kernels import cpu
+
+    wide = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))]
+    narrow = _params()
+    opt = AdamHD([{"params": wide}, {"params": narrow}], fused=True, weight_decay=0.1)
+    for t in range(2):
+        for p, g in zip(wide + narrow, _grads(wide + narrow, t)):
+            p.grad = g
+        if t == 0:
+            opt.step()  # the real kernel: state and μ exist
+    snap = _snapshot(opt, wide + narrow)
+
+    def no_kernel(isa=None):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(cpu, "load", no_kernel)
+    with pytest.raises(RuntimeError, match=r"fused=True: the CPU kernel is unavailable \(no C\+\+ compiler\)"):
+        opt.step()
+    _unchanged(opt, wide + narrow, snap)
+
+
+def test_the_cpu_kernel_checks_every_tensor_before_it_writes_one():
+    """What makes a fused step all or nothing within its call: a tensor the kernel refuses (here not contiguous)
+    leaves the tensors before it in the list unwritten."""
+    from adamhd_dist.optim.kernels import cpu
+
+    p = [torch.randn(64), torch.randn(8, 8).t()]
+    g = [torch.randn(64), torch.randn(8, 8).t()]
+    m = [torch.zeros(64), torch.zeros(8, 8).t()]
+    v = [torch.zeros(64), torch.zeros(8, 8).t()]
+    before = [t.clone() for t in p + m + v]
+    with pytest.raises(RuntimeError, match="tensor 1 is not contiguous"):
+        cpu.fused_adamhd_cpu_(p, g, m, v, step_sizes=[1e-3] * 2, bc2_sqrts=[0.1] * 2, deltas=[1.0] * 2, lr=1e-3,
+                              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay="prox")
+    assert all(torch.equal(a, b) for a, b in zip(p + m + v, before))
+
+
+def _kernel_calls(monkeypatch, backend):
+    """Records, per call of the fused kernel (C++, or Triton run by its interpreter on CPU tensors), whether it
+    was given the running maxima (amsgrad)."""
+    import adamhd_dist.optim.functional as F
+    from adamhd_dist.optim.kernels import cpu, triton_adamhd
+
+    monkeypatch.setattr(F, "FUSED_CPU_BACKEND", backend)
+    module, name = (cpu, "fused_adamhd_cpu_") if backend == "cpp" else (triton_adamhd, "fused_adamhd_triton_")
+    calls, kernel = [], getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(k.get("max_exp_avg_sqs") is not None)
+        return kernel(*a, **k)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _amsgrad_run(cls, kw, steps=10, bad_step=None):
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(37, 300, generator=g)), torch.nn.Parameter(torch.randn(5000, generator=g)),
+              torch.nn.Parameter(torch.randn(3, generator=g))]
+    opt = cls(params, lr=1e-2, amsgrad=True, **kw)
+    for t in range(steps):
+        for p in params:  # large then small gradients: v falls below its running maximum
+            p.grad = torch.randn(p.shape, generator=g) * (3.0 if t % 4 == 0 else 0.1)
+            if t == bad_step:
+                p.grad.view(-1)[::97] = float("nan")
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("kw", [dict(weight_decay=0.1), dict(weight_decay=0.0, maximize=True),
+                                dict(weight_decay=0.1, maximize=True, capturable=True)],
+                         ids=["decay", "maximize", "maximize_capturable"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_amsgrad_runs_in_the_kernel_as_adamw(kw, backend, monkeypatch):
+    calls = _kernel_calls(monkeypatch, backend)
+    ref, ropt = _amsgrad_run(AdamW, dict(kw, fused=True))
+    calls.clear()  # AdamW's own fused step is torch's
+    got, gopt = _amsgrad_run(AdamHD, dict(kw, fused=True, **AS_ADAMW))
+    assert calls and all(calls)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        sa, sb = ropt.state[a], gopt.state[b]
+        torch.testing.assert_close(sb["max_exp_avg_sq"], sa["max_exp_avg_sq"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-6, atol=0)
+    assert bool((gopt.state[got[0]]["max_exp_avg_sq"] > gopt.state[got[0]]["exp_avg_sq"]).any())
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_amsgrad_prox_with_the_statistic_equals_the_loop_and_masks_nonfinite_grads(backend, monkeypatch):
+    calls = _kernel_calls(monkeypatch, backend)
+    kw = dict(weight_decay=0.1, delta_mode="ema", decay="prox", delta_scale=0.5)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        ref, ropt = _amsgrad_run(AdamHD, dict(kw, foreach=False, fused=False), bad_step=5)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        got, gopt = _amsgrad_run(AdamHD, dict(kw, fused=True), bad_step=5)
+    assert calls and all(calls)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "delta_ema"):  # m crosses 0: an absolute floor
+            torch.testing.assert_close(gopt.state[b][key], ropt.state[a][key], rtol=1e-6,
+                                       atol=1e-7 if key == "exp_avg" else 1e-12)
+
+
+FUSED_INPUTS = [i for i in INPUTS if i.kwargs.get("fused")]
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("optim_input", FUSED_INPUTS, ids=[i.desc for i in FUSED_INPUTS])
+def test_fused_adamw_inputs_step_as_adamw_through_the_triton_kernel(optim_input, capturable, monkeypatch):
+    """torch's fused AdamW inputs (maximize and amsgrad among them), plain and capturable, through the Triton
+    kernel (its interpreter, on CPU tensors)."""
+    calls = _kernel_calls(monkeypatch, "triton")
+    kw = dict(optim_input.kwargs, capturable=capturable)
+    ref, ropt = _run(AdamW, kw)
+    got, gopt = _run(AdamHD, {**kw, **AS_ADAMW})
+    assert len(calls) == 20
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        for key, value in ropt.state[a].items():
+            torch.testing.assert_close(gopt.state[b][key], value, rtol=1e-5, atol=1e-9)
 
 
 def test_capturable_fused_cpu_as_adamw_and_step_on_the_device():

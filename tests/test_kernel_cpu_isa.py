@@ -118,13 +118,17 @@ def test_every_build_computes_the_same_bits(dtypes, monkeypatch):
         ps, gs, ms, vs = _case(torch.Generator().manual_seed(3), *dtypes)
         n = len(ps)
         sums = torch.empty(n, dtype=torch.float64)
+        vms = [v * 2.0 for v in vs]  # amsgrad's running maxima, some above and some below the next v
+        for vm in vms[::2]:
+            vm.mul_(0.25)
         res = []
-        for decay, wd, scale, beta1 in (("prox", 0.1, None, 0.9), ("clip", 0.1, 0.5, 0.9), ("prox", 0.0, None, 0.3)):
+        for decay, wd, scale, beta1, ams in (("prox", 0.1, None, 0.9, False), ("clip", 0.1, 0.5, 0.9, False),
+                                             ("prox", 0.0, None, 0.3, False), ("prox", 0.1, 0.5, 0.9, True)):
             bad = kcpu.fused_adamhd_cpu_(ps, gs, ms, vs, step_sizes=[1e-2] * n, bc2_sqrts=[0.3] * n,
                                          deltas=[0.05, 0.0, math.inf, 0.01, 0.2, 1.0, 0.5], lr=1e-2, beta1=beta1,
                                          beta2=0.999, eps=1e-8, weight_decay=wd, decay=decay, grad_scale=scale,
-                                         abs_sums_out=sums)
-            res.append((bad, sums.clone(), [t.clone() for t in (*ps, *ms, *vs)]))
+                                         abs_sums_out=sums, max_exp_avg_sqs=vms if ams else None)
+            res.append((bad, sums.clone(), [t.clone() for t in (*ps, *ms, *vs, *vms)]))
         res.append(kcpu.layer_abs_sums_cpu(gs))
         outs[isa] = (kcpu.load().__name__, res)
     names = {name for name, _ in outs.values()}

@@ -32,16 +32,11 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, placement_types
 
-from ..optim.layer_stats import LayerStats
+from ..optim.layer_stats import LayerStats, is_dtensor
 from ..optim.stats import delta_setting
 from .collectives import all_reduce_sums
 
-__all__ = ["DTensorLayerStats", "is_dtensor"]
-
-
-def is_dtensor(t: Any) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
-    return isinstance(t, DTensor)
+__all__ = ["DTensorLayerStats", "is_dtensor"]  # is_dtensor: the one the optimizer core uses
 
 
 _STRIDED = getattr(placement_types, "_StridedShard", ())
@@ -80,9 +75,12 @@ class DTensorLayerStats(LayerStats):
         if optimizer is not None:
             self.bind(optimizer)
 
-    def bind(self, optimizer) -> None:
-        super().bind(optimizer)
+    def bind(self, optimizer, previous: LayerStats | None = None) -> None:
+        super().bind(optimizer, previous)
         self.plan()  # validate now, where the user builds the optimizer
+
+    def validate(self) -> None:
+        self.plan()
 
     # -- geometry ---------------------------------------------------------------------------------------------
     def local(self, t: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ fp32 tensors in which layer boundaries are gone. A :class:`FlatLayout` puts them
   holds which part of which layer (padding belongs to no fragment and is not an element of any layer);
 - the reduction that sums a per-layer vector over the ranks that shard the layers (ONE collective).
 
-The layout is geometry only; the per-layer state (μ) lives in the optimizer (``AdamHD.layer_state``).
+The layout is geometry only; the per-layer state (μ) is the strategy's (``AdamHD.layer_state``).
 :class:`FlatLayerStats` is the optimizer's layer-statistic strategy over a layout: it splits each flat tensor into
 per-layer units and sums every layer's ``Σ|θ|`` over the ranks once per training step. Nothing here knows an
 engine; the engine adapters (:mod:`adamhd_dist.integrations.deepspeed`) build layouts from the engine's own
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..optim.layer_stats import LayerStats
 
-__all__ = ["Fragment", "FlatLayout", "FlatLayerStats"]
+__all__ = ["Fragment", "FlatLayout", "FlatLayerStats", "LayerState"]
 
 
 @dataclass(frozen=True)
@@ -235,11 +235,74 @@ class FlatLayout:
 
 
 
+class LayerState:
+    """Per-layer state of an optimizer whose tensors hold parts of many layers (a flat strategy): μ of every layer
+    by its index in the layout's table, the same on every rank, and δ at the latest step. Part of the optimizer's
+    state (``state_dict()["layer_state"]``, by layer name: independent of how the layers are cut)."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.names = list(names)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        n = len(self.names)
+        self.mu = torch.zeros(n, dtype=torch.float32, device=device)
+        self.has_mu = torch.zeros(n, dtype=torch.bool, device=device)
+        self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=device)  # δ at the latest step
+
+    def advance(self, deltas: Tensor, mu: Tensor, has_mu: Tensor) -> None:
+        self.delta.copy_(deltas)
+        if mu is not self.mu:
+            self.mu.copy_(mu)
+        if has_mu is not self.has_mu:
+            self.has_mu.copy_(has_mu)
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ."""
+        mu, has = self.mu.cpu(), self.has_mu.cpu()
+        return {name: {"delta_ema": mu[i].clone()} for i, name in enumerate(self.names) if has[i]}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
+        unknown = sorted(set(state) - set(self.index))
+        if unknown and strict:
+            raise ValueError(f"checkpoint has layer state for {len(unknown)} layer(s) this model does not have, "
+                             f"e.g. {unknown[:3]}")
+        self.mu.zero_()
+        self.has_mu.zero_()
+        for name, st in state.items():
+            i = self.index.get(name)
+            if i is None or "delta_ema" not in st:
+                continue
+            self.mu[i] = torch.as_tensor(st["delta_ema"], dtype=torch.float32).reshape(())
+            self.has_mu[i] = True
+        self.delta.fill_(float("nan"))
+
+
+def check_saved_layout(saved: dict | None, layout: FlatLayout) -> None:
+    """A state saved over flat partitions holds each partition's moments: it loads only where the layers are cut
+    the same way (a checkpoint of another world size goes through the engine adapter, which reshards it). The
+    partitions are matched by their index in the engine's own list (independent of what the param groups hold at
+    the moment: ZeRO-3 empties them between its sub-group steps)."""
+    if saved is None:
+        return
+
+    def norm(frags):
+        return [tuple(f) for f in frags]
+
+    then = {v["engine_index"] if v.get("engine_index") is not None else int(k): norm(v["fragments"])
+            for k, v in saved.items()}
+    if then != layout.cuts():
+        raise ValueError(
+            "this optimizer state was saved over flat partitions that cut the layers differently (another world "
+            "size, ZeRO stage or bucket setting): its moments would land on the wrong elements. Load it with "
+            "engine.load_checkpoint after adamhd_dist.deepspeed.attach(engine), which reshards it, or read it with "
+            "`python -m adamhd_dist.deepspeed export`")
+
+
 class FlatLayerStats(LayerStats):
     """The layer-statistic strategy over a :class:`FlatLayout`: each flat tensor the optimizer steps is split into
     its fragments (views, one per layer piece, each with its layer's δ), and every layer's ``Σ|θ|`` is summed over
-    the ranks once per training step (``AdamHD.begin_step``, which the engine adapter calls before the engine's
-    per-group or per-sub-group inner steps)."""
+    the ranks once per training step (:meth:`begin_step`, through ``AdamHD.begin_step``, which the engine adapter
+    calls before the engine's per-group or per-sub-group inner steps). μ of every layer is kept here, by layer
+    (:attr:`layer_state`), so it is independent of how the layers are cut."""
 
     flat = True
 
@@ -248,9 +311,83 @@ class FlatLayerStats(LayerStats):
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         self.layout = layout
+        self.layer_state: LayerState | None = None
+        # one training step: (reduced Σ|θ| per layer, δ setting per layer) from begin_step(), and the δ per layer
+        # once the first inner step computed it
+        self._pending = None
+        self._layer_delta = None
+
+    def bind(self, optimizer, previous: LayerStats | None = None) -> None:
+        loaded = (previous if previous is not None and previous is not self else self)._loaded
+        if loaded is not None:  # a checkpoint loaded before the layout was known: refused before anything changes
+            check_saved_layout(loaded[1], self.layout)
+        super().bind(optimizer, previous)
+        self._loaded = None
+        self._pending, self._layer_delta = None, None
+        if self.layer_state is None:
+            self.layer_state = LayerState(self.layout.names, self.layout.device)
+        if loaded is not None:
+            self.layer_state.load_state_dict(loaded[0], strict=False)
+
+    def eager_params(self) -> list[Tensor]:
+        # engines map and checkpoint the state of their partitions before the first step
+        return list(self.layout.fragments)
 
     def places(self, p: Tensor) -> bool:
         return p in self.layout
+
+    def check_group(self, group: dict) -> None:
+        from ..optim.stats import delta_setting
+
+        if group["amsgrad"] and delta_setting(group) is not None:
+            raise ValueError("amsgrad=True is not supported for a decayed param group of a flat layout (ZeRO "
+                             "partitions): set amsgrad=False for it")
+
+    def undo_point(self):
+        table, pending, layer_delta = self.layer_state, self._pending, self._layer_delta
+        saved = (table.mu.clone(), table.has_mu.clone(), table.delta.clone())
+
+        def restore():
+            table.mu.copy_(saved[0])
+            table.has_mu.copy_(saved[1])
+            table.delta.copy_(saved[2])
+            self._pending, self._layer_delta = pending, layer_delta
+        return restore
+
+    def _layer_settings(self):
+        from ..optim.stats import delta_setting
+
+        per_group = [delta_setting(g) for g in self.optimizer.param_groups]
+        return [per_group[g] for g in self.layout.groups]
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """Sum this rank's part of every layer's ``Σ|θ|`` over the ranks in ONE collective; μ moves only when the
+        optimizer's step runs (a step the engine skips, on fp16 overflow, leaves it untouched)."""
+        settings = self._layer_settings()
+        need = {i for i, st in enumerate(settings) if st is not None and st.needs_statistic}
+        sums = self.layer_sums(None if len(need) == len(settings) else need) if need else None
+        self._pending = (sums, settings)
+        self._layer_delta = None
+
+    @torch.no_grad()
+    def deltas(self, work) -> list:
+        """δ per layer for this training step (computed, and μ advanced, on the first inner step after
+        :meth:`begin_step`), for every decayed group of ``work`` (None for the others)."""
+        from ..optim.stats import advance_deltas, delta_setting
+
+        if self._pending is None:
+            if self._layer_delta is None:
+                raise RuntimeError("AdamHD has a flat layout but begin_step() was not called before step(): step "
+                                   "it through its engine (adamhd_dist.deepspeed.attach or initialize)")
+        else:
+            sums, settings = self._pending
+            self._pending = None
+            table = self.layer_state
+            deltas, new_mu, new_has = advance_deltas(settings, sums, self.layout.numels, table.mu, table.has_mu)
+            table.advance(deltas, new_mu, new_has)
+            self._layer_delta = deltas
+        return [self._layer_delta if delta_setting(group) is not None else None for group, _, _ in work]
 
     def layer_sums(self, layers: set[int] | None = None) -> Tensor:
         """fp64 ``(L,)``: every layer's whole ``Σ|θ|`` (only ``layers`` filled when given), in ONE collective."""
@@ -264,10 +401,11 @@ class FlatLayerStats(LayerStats):
         super().invalidate()
         self.layout.clear_views()
 
-    def units(self, ps: list[Tensor], states: list[dict], steps: list[float], layer_delta: Tensor):
-        """Each flat tensor of a decayed group replaced by its layer fragments (views), each with its layer's δ:
-        ``(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, owners)`` with ``owners`` = ``[(flat, number of
-        fragments)]`` in order."""
+    def units(self, group, ps, states, steps, delta):
+        """A decayed group's flat tensors replaced by their layer fragments (views), each with its layer's δ;
+        ``owners`` = ``[(flat, number of fragments)]`` in order. Other groups step their tensors whole."""
+        if delta is None:
+            return super().units(group, ps, states, steps, None)
         lay = self.layout
         out_p, out_g, out_m, out_v, out_t, out_d, owners = [], [], [], [], [], [], []
         for p, st, t in zip(ps, states, steps):
@@ -280,7 +418,31 @@ class FlatLayerStats(LayerStats):
             out_m += lay.persistent_views(p, st["exp_avg"], "exp_avg")
             out_v += lay.persistent_views(p, st["exp_avg_sq"], "exp_avg_sq")
             out_t += [t] * len(frags)
-            out_d.append(layer_delta[lay.fragment_layers(p)])
+            out_d.append(delta[lay.fragment_layers(p)])
             owners.append((p, len(frags)))
-        ds = torch.cat(out_d) if out_d else torch.zeros(0)
-        return out_p, out_g, out_m, out_v, out_t, ds, owners
+        device = out_p[0].device if out_p else ps[0].device
+        ds = torch.cat(out_d).to(device) if out_d else torch.zeros(0, device=device)
+        return out_p, out_g, out_m, out_v, None, out_t, ds, owners
+
+    def record(self, owners, sums: Tensor) -> None:
+        if owners and isinstance(owners[0], tuple):
+            for (p, n), chunk in zip(owners, sums.split([n for _, n in owners])):
+                self.remember(p, chunk)
+        else:
+            super().record(owners, sums)
+
+    def state_dict(self, params: list[Tensor]) -> dict:
+        """``"layer_state"`` ({layer name: {"delta_ema": μ}}) and ``"flat_layout"`` (which elements of which layer
+        each saved flat tensor holds, so that a checkpoint can be loaded at another world size)."""
+        return {"layer_state": self.layer_state.state_dict(), "flat_layout": self.layout.describe(params)}
+
+    def check_saved(self, layer_state, saved_layout) -> None:
+        if layer_state is not None or saved_layout is not None:
+            check_saved_layout(saved_layout, self.layout)
+
+    def load_state_dict(self, layer_state, saved_layout) -> None:
+        self._placed = {}
+        self.invalidate()
+        self._pending, self._layer_delta = None, None
+        if layer_state is not None or saved_layout is not None:
+            self.layer_state.load_state_dict(layer_state or {}, strict=False)

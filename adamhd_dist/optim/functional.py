@@ -121,6 +121,7 @@ def check_path(path: str, params: Sequence[Tensor], steps=(), *, capturable: boo
             raise RuntimeError("`fused` does not support `differentiable`")
         for p in params:
             check_fused_param(p)
+        _check_fused_kernel(params)
         return
     if path == "foreach" and differentiable:
         raise AssertionError("_foreach ops don't support autograd")
@@ -137,6 +138,33 @@ def check_fused_param(p: Tensor) -> None:
     if not (p.device.type in FUSED_DEVICES and torch.is_floating_point(p)):
         raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
                            f"supported devices: {list(FUSED_DEVICES)} but {p.dtype} and {p.device.type}")
+
+
+def _check_fused_kernel(params: Sequence[Tensor]) -> None:
+    """The kernel a fused step will call is there (a missing compiler or Triton is found before the step writes
+    anything, also in an earlier param group). The result of the first load is cached by the kernel modules."""
+    if not params:
+        return
+    device = params[0].device
+    triton = device.type == "cuda" or FUSED_CPU_BACKEND == "triton"
+    kernel_dtypes = _TRITON_DTYPES if triton else _CPU_KERNEL_DTYPES
+    if not any(p.dtype in kernel_dtypes for p in params):
+        return  # every tensor takes the foreach math inside fused=True
+    if triton:
+        from .kernels import triton_adamhd
+
+        if not triton_adamhd.available():
+            raise RuntimeError("fused=True on CUDA needs triton (pip install 'adamhd_dist[triton]')")
+    elif device.type == "cpu":
+        from .kernels import cpu
+
+        try:
+            cpu.load()
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with the choice to make
+            raise RuntimeError(f"fused=True: the CPU kernel is unavailable ({exc}); install a C++ compiler (and "
+                               f"ninja), or use foreach=True") from exc
 
 
 _warned_fallback = False
@@ -191,9 +219,8 @@ def adamhd(
     per-chunk fp32 sums combined with atomic adds (equal to a separate read up to the order of the additions).
 
     AdamW's options have AdamW's meaning on every path: ``amsgrad`` (``max_exp_avg_sqs`` keeps the running maximum
-    of ``v`` and the denominator uses it; ``fused=True`` computes it with the foreach ops, the kernels have no
-    amsgrad form), ``maximize`` (the gradient's sign is flipped; the fused kernels divide by ``-grad_scale``, which
-    is exact), ``capturable`` (``steps`` are 0-d tensors on the parameters' device and the bias corrections are
+    of ``v`` and the denominator uses it; the fused kernels keep it in the same pass), ``maximize`` (the gradient's
+    sign is flipped; the fused kernels divide by ``-grad_scale``, which is exact), ``capturable`` (``steps`` are 0-d tensors on the parameters' device and the bias corrections are
     computed there without a host read; on the CPU only the fused path accepts it, as torch's AdamW), and
     ``differentiable`` (the loop path only, autograd recording the update, without masking non-finite elements)."""
     n = len(params)
@@ -476,19 +503,8 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
                   weight_decay, decay, bias_correction, grad_scale, abs_sums_out=None, max_exp_avg_sqs=None,
                   maximize=False, capturable=False):
     """One kernel call per (device, dtypes) bucket — one in the usual case — whatever the number of layers.
-    ``maximize``: the kernels divide the gradient by ``-grad_scale`` (a sign flip, exact). ``amsgrad``: the foreach
-    path (the kernels keep no running maximum)."""
-    if max_exp_avg_sqs is not None:
-        skipped = _multi_tensor_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, lr=lr, beta1=beta1,
-                                       beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                                       bias_correction=bias_correction, grad_scale=grad_scale,
-                                       max_exp_avg_sqs=max_exp_avg_sqs, maximize=maximize,
-                                       capturable=capturable and params[0].device.type != "cpu")
-        if abs_sums_out is not None:
-            from .stats import layer_abs_sums
-
-            abs_sums_out.copy_(layer_abs_sums(params))
-        return skipped
+    ``maximize``: the kernels divide the gradient by ``-grad_scale`` (a sign flip, exact). ``amsgrad``: the kernels
+    keep the running maximum (``max_exp_avg_sqs``, stored like ``v``) in the same pass."""
     if maximize:
         grad_scale = -1.0 if grad_scale is None else -grad_scale
     device = params[0].device
@@ -501,6 +517,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
         step_sizes, bc2_sqrts = bias_corrections([float(t) for t in steps] if capturable else steps, lr, beta1,
                                                  beta2, bias_correction)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
+    vmax = max_exp_avg_sqs
     groups = _group_by_kind(params, grads, exp_avgs, exp_avg_sqs)
     if groups is None:  # one kind: no per-group sub-lists
         groups = {(device, params[0].dtype, grads[0].dtype, exp_avgs[0].dtype, exp_avg_sqs[0].dtype):
@@ -510,15 +527,18 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
         pick = (lambda xs: list(xs)) if whole else (lambda xs: [xs[i] for i in idx])  # noqa: E731
         # The kernels write through raw pointers (no autograd), so no detach() per tensor is needed.
         p, g, m, v = (pick(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
+        vm = None if vmax is None else pick(vmax)
         triton = dev.type == "cuda" or FUSED_CPU_BACKEND == "triton"
         supported = _TRITON_DTYPES if triton else _CPU_KERNEL_DTYPES
-        if not all(dt in supported for dt in dtypes):
+        # the kernel stores the running maximum like v (AdamHD creates and loads both in the param's dtype)
+        same_vm = vm is None or all(a.dtype == b.dtype for a, b in zip(vm, v))
+        if not (same_vm and all(dt in supported for dt in dtypes)):
             # dtypes the kernel does not take (fp64; fp16 on the CPU): the foreach path, same math
             d = None if deltas is None else pick(_delta_list(deltas, len(params)))
             skipped = skipped + _multi_tensor_adamhd(
                 p, g, m, v, pick(list(steps)), d, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                 weight_decay=weight_decay, decay=decay, bias_correction=bias_correction,
-                grad_scale=grad_scale, capturable=device_steps).to(device)
+                grad_scale=grad_scale, max_exp_avg_sqs=vm, capturable=device_steps).to(device)
             if abs_sums_out is not None:
                 from .stats import layer_abs_sums
 
@@ -558,7 +578,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             triton_adamhd.fused_adamhd_triton_(
                 p, g, m, v, step_sizes=to_dev(pick(step_sizes)), bc2_sqrts=to_dev(pick(bc2_sqrts)), deltas=d,
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                grad_scale=gs, nonfinite=counter, abs_sums=sums)
+                grad_scale=gs, nonfinite=counter, abs_sums=sums, max_exp_avg_sqs=vm)
             skipped = skipped + counter[0].to(device)
             if sums is not None:
                 if len(idx) == len(params):
@@ -576,7 +596,7 @@ def _fused_adamhd(params, grads, exp_avgs, exp_avg_sqs, steps, deltas, *, lr, be
             n_bad = cpu.fused_adamhd_cpu_(
                 p, g, m, v, step_sizes=pick(step_sizes), bc2_sqrts=pick(bc2_sqrts), deltas=d,
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decay=decay,
-                grad_scale=_grad_scale_value(grad_scale), abs_sums_out=sums)
+                grad_scale=_grad_scale_value(grad_scale), abs_sums_out=sums, max_exp_avg_sqs=vm)
             skipped = skipped + int(n_bad)
             if sums is not None and not direct:
                 abs_sums_out[torch.tensor(idx, device=abs_sums_out.device)] = sums.to(abs_sums_out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Any, Callable, Iterable
 
 import torch
@@ -12,9 +11,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from .layer_stats import (FSDP1_MESSAGE, UNPLACED_FIXES, LayerStats, UnplacedTensorError, auto_strategy,
-                          is_dtensor, real_view)
-from .stats import DELTA_MODES, DeltaSetting, advance_deltas, delta_setting
+from .layer_stats import LayerStats
+from .stats import DELTA_MODES, delta_setting
 
 __all__ = ["AdamHD"]
 
@@ -142,7 +140,7 @@ class AdamHD(Optimizer):
         weight_decay: λ, the decay strength, τ = α·λ (default 1e-2, as AdamW); 0 turns the decay (and the
             statistic) off for a group.
         amsgrad: as AdamW: the denominator uses the running maximum of ``v`` (state ``max_exp_avg_sq``, AdamW's
-            key) (default False). ``fused=True`` computes it with the foreach ops.
+            key) (default False); the fused kernels keep it in the same pass.
         maximize: as AdamW: ascend the objective (the gradient's sign is flipped) (default False).
         foreach, fused: implementation choice as in torch.optim; None picks the fastest for the device (the fused
             kernel: C++ on the CPU, Triton on CUDA).
@@ -173,8 +171,12 @@ class AdamHD(Optimizer):
     and imaginary parts two independent coordinates). The per-layer statistic and the Huber decay are defined on
     that view: ``s = Σ(|Re θ| + |Im θ|) / (2n)`` and each part is decayed on its own.
 
-    A step that raises changes nothing (parameters, moments, step counters, μ): what torch.optim checks for every
-    optimizer is checked, in its words, before anything is written.
+    A step that raises on its inputs changes nothing (parameters, moments, step counters, μ): what torch.optim
+    checks for every optimizer, the path's requirements and the fused kernel's presence are checked for every
+    group before anything is written (torch's words where torch checks it), a moment of another shape than its
+    parameter is refused by :meth:`load_state_dict`, and each kernel call checks all its tensors before it writes
+    one. A failure that no check can foresee (memory exhausted, an interrupt) in a later param group leaves the
+    groups before it stepped; the state this step created and μ are put back.
 
     AdamHD never steps a tensor it cannot place in a layer: a tensor in a group that needs the statistic which is
     neither a parameter it was given, nor covered by its layer-statistic strategy, nor a DTensor, stops the step
@@ -230,45 +232,27 @@ class AdamHD(Optimizer):
         self.set_layer_stats(layer_stats if layer_stats is not None else self.layer_stats)
 
     def _init_attributes(self) -> None:
-        self.__dict__.setdefault("layer_stats", LayerStats())
-        # per-layer state of a flat strategy (μ by layer, world-size independent), else None
-        self.__dict__.setdefault("layer_state", None)
-        # id(param) -> (weakref, shape): the tensors this optimizer was given (constructor, add_param_group), and
-        # per param group (by identity) the shapes it was given in order: all, and those an engine optimizes
-        # (trainable, not empty)
-        self.__dict__.setdefault("_given", {})
-        self.__dict__.setdefault("_given_shapes", {})
-        # id(param group) -> (ids, whether it needs the statistic, shapes, the tensors) found placed at its last step;
-        # checked again when any of them changes
-        self.__dict__.setdefault("_placed", {})
-        self.__dict__.setdefault("_loaded_layer_state", None)
-        # flat strategy, one training step: (reduced Σ|θ| per layer, δ setting per layer) from begin_step(), and the
-        # δ per layer once the first inner step computed it
-        self.__dict__.setdefault("_pending", None)
-        self.__dict__.setdefault("_layer_delta", None)
+        if "layer_stats" not in self.__dict__:
+            self.layer_stats = LayerStats()
+            self.layer_stats.bind(self)
         self.__dict__.setdefault("_last_deltas", {})
         self.__dict__.setdefault("_pending_nonfinite", [])
 
     def __getstate__(self):
-        # copies and pickles keep which tensors were given (by position), so a copied optimizer steps as the original
+        # a copy or pickle steps with the default strategy, knowing which of its tensors were given
         state = super().__getstate__()
-        state["_adamhd_given"] = [[j for j, p in enumerate(g["params"]) if self._is_given(p)] for g in self.param_groups]
-        state["_adamhd_given_shapes"] = [self._given_shapes.get(id(g)) for g in self.param_groups]
+        state["_adamhd_given"] = self.layer_stats.given_state()
         return state
 
     def __setstate__(self, state):
         state = dict(state)
-        given, shapes = state.pop("_adamhd_given", None), state.pop("_adamhd_given_shapes", None)
+        given = state.pop("_adamhd_given", None)
         super().__setstate__(state)
         for group in self.param_groups:  # a group saved before these options existed: AdamW's defaults
             for key, value in _ADAMW_DEFAULTS.items():
                 group.setdefault(key, value)
         self._init_attributes()
-        for g, idx, sh in zip(self.param_groups, given or [], shapes or []):
-            for j in idx:
-                self._remember_given(g["params"][j])
-            if sh is not None:
-                self._given_shapes[id(g)] = sh
+        self.layer_stats.restore_given(given)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -277,124 +261,26 @@ class AdamHD(Optimizer):
             if isinstance(group.get("betas"), list):
                 group["betas"] = tuple(group["betas"])
             check_hyperparameters(group)
-            for p in group["params"]:
-                if getattr(p, "_fsdp_flattened", False):  # FSDP1 flat-parameter views
-                    raise ValueError(f"params: {FSDP1_MESSAGE}")
+            self.layer_stats.admit(group)
         except ValueError:
             self.param_groups.pop()
             raise
-        for p in group["params"]:
-            self._remember_given(p)
-        self._given_shapes[id(group)] = ([tuple(p.shape) for p in group["params"]],
-                                         [tuple(p.shape) for p in group["params"] if p.requires_grad and p.numel()])
-        if self.layer_stats.optimizer is self:
-            self.layer_stats.bind(self)  # re-validate against the new group (e.g. a DTensor on another mesh)
-        self._adopt_dtensors(group["params"])
 
-    # ----------------------------------------------------------------------------------------------------------
-    # the layer-statistic strategy
+    @property
+    def layer_state(self):
+        """The per-layer state (μ by layer name) of a flat-layout strategy, else None."""
+        return self.layer_stats.layer_state
+
     def set_layer_stats(self, stats: LayerStats) -> None:
         """Use ``stats`` for where the layers are and how their statistic is summed (see
         :mod:`adamhd_dist.optim.layer_stats`). Engine integrations call this; a flat strategy gets its state up
-        front (step 0, zero moments) so engines can map and checkpoint it before the first step, and the per-layer
-        state a checkpoint loaded before it existed."""
+        front (step 0, zero moments) so engines can map and checkpoint it before the first step."""
         if not isinstance(stats, LayerStats):
             raise TypeError(f"layer_stats must be a LayerStats, got {type(stats).__name__}")
-        stats.bind(self)
-        loaded = self._loaded_layer_state if stats.flat else None
-        if loaded is not None:  # a checkpoint loaded before the layout was known: refused before anything changes
-            _check_saved_layout(loaded[1], stats.layout)
+        stats.bind(self, self.layer_stats)
         self.layer_stats = stats
-        self._placed.clear()
-        self._pending, self._layer_delta = None, None
-        if not stats.flat:
-            self.layer_state = None
-            return
-        self.layer_state = LayerState(stats.layout.names, stats.layout.device)
-        for flat in stats.layout.fragments:
-            self._init_state(flat)
-        if loaded is not None:
-            self._loaded_layer_state = None
-            self.layer_state.load_state_dict(loaded[0], strict=False)
-
-    def _adopt_dtensors(self, params) -> None:
-        """Set up the DTensor strategy when DTensor parameters appear (given, or swapped in place by an engine)."""
-        if type(self.layer_stats) is LayerStats and any(is_dtensor(p) for p in params):
-            stats = auto_strategy(self, params)
-            if stats is None:
-                raise UnplacedTensorError("AdamHD has DTensor parameters but no DTensor strategy is registered "
-                                          "(import adamhd_dist before building the optimizer)")
-            self.set_layer_stats(stats)
-
-    def _remember_given(self, p: Tensor) -> None:
-        self._given[id(p)] = (weakref.ref(p), tuple(p.shape))
-
-    def _is_given(self, p: Tensor) -> bool:
-        """``p`` is a tensor this optimizer was given, still of the shape it had then (an engine that swaps a
-        parameter's data for a shard of it, as FSDP1 does, makes it another tensor)."""
-        hit = self._given.get(id(p))
-        return hit is not None and hit[0]() is p and hit[1] == tuple(p.shape)
-
-    def _check_placement(self, work) -> None:
-        """Refuse to step a tensor whose layer statistic would be wrong. A tensor is placed when it is one this
-        optimizer was given (of its shape then), one its strategy places (a flat partition of a layout), a DTensor
-        (adopted here: an engine swapped it in place), or a whole-layer replacement: it has the shape of the tensor
-        given at its position in the same param group, the group holding as many tensors as given, or as many as
-        were given trainable and not empty (an engine's fp32 master copies, e.g. DeepSpeed's stage-0 fp16/bf16
-        optimizer) — it then holds every element of that one layer. Under a flat layout, a decayed group's tensors
-        must be the layout's."""
-        stats = self.layer_stats
-        for group, ps, _ in work:
-            setting = delta_setting(group)
-            needs = setting is not None and setting.needs_statistic
-            key = (tuple(map(id, ps)), needs, [p.shape for p in ps])
-            last = self._placed.get(id(group))
-            if last is not None and last[:3] == key:  # as at the last step (tensors kept alive: no id reuse)
-                continue
-            shapes = None
-            for p in ps:
-                if getattr(p, "_fsdp_flattened", False):  # FSDP1 (use_orig_params): the given param now a shard
-                    raise UnplacedTensorError(f"params: {FSDP1_MESSAGE}")
-                if stats.places(p):
-                    continue
-                if stats.flat and setting is not None:
-                    raise self._unplaced(group, p, "a decayed param group holds a tensor that is not in the "
-                                                   "optimizer's flat layout (added after attach?)")
-                if self._is_given(p):
-                    continue
-                if is_dtensor(p):
-                    self._adopt_dtensors([p])
-                    self._remember_given(p)
-                    stats = self.layer_stats
-                    if stats.flat:
-                        raise UnplacedTensorError("AdamHD has a flat layout and DTensor parameters at once")
-                    continue
-                if not needs:
-                    continue  # elementwise only: exact on any piece of a layer
-                if shapes is None:
-                    shapes = self._replacement_shapes(group)
-                if shapes.get(id(p)) == tuple(p.shape):
-                    continue
-                raise self._unplaced(group, p, "it was not given and cannot be placed in a layer")
-            self._placed[id(group)] = (*key, ps)
-
-    def _replacement_shapes(self, group) -> dict[int, tuple]:
-        """{id(tensor): the shape given at its position} when the group holds as many tensors as were given (or as
-        were given trainable and not empty); else {}."""
-        given = self._given_shapes.get(id(group))
-        current = group["params"]
-        for shapes in given or ():
-            if len(shapes) == len(current):
-                return {id(q): shape for q, shape in zip(current, shapes)}
-        return {}
-
-    def _unplaced(self, group, p: Tensor, why: str) -> UnplacedTensorError:
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        return UnplacedTensorError(
-            f"AdamHD was asked to step a tensor of shape {tuple(p.shape)} ({p.numel():,} elements) in param group "
-            f"{gi}: {why}, so it cannot compute that layer's Huber threshold δ (delta_mode={group['delta_mode']!r} "
-            f"needs each layer's mean |θ| over the whole layer). This is what an engine that flattens or partitions "
-            f"parameters hands the optimizer (DeepSpeed ZeRO, its BF16 optimizer). Fix:\n{UNPLACED_FIXES}")
+        for p in stats.eager_params():
+            self._init_state(p)
 
     # ----------------------------------------------------------------------------------------------------------
     # state
@@ -414,9 +300,7 @@ class AdamHD(Optimizer):
 
     def _check_group(self, group: dict, ps: list[Tensor]) -> None:
         """What the step of this group would refuse, raised before any state is created or written."""
-        if group["amsgrad"] and self.layer_stats.flat and delta_setting(group) is not None:
-            raise ValueError("amsgrad=True is not supported for a decayed param group of a flat layout (ZeRO "
-                             "partitions): set amsgrad=False for it")
+        self.layer_stats.check_group(group)
         path = F.default_path(ps, group["foreach"], group["fused"])
         if group["differentiable"] and not group["foreach"] and not group["fused"]:
             path = "loop"
@@ -449,94 +333,12 @@ class AdamHD(Optimizer):
             out.append((group, ps, states))
         return out
 
-    # ----------------------------------------------------------------------------------------------------------
-    # δ: from the strategy's whole-layer sums, by advance_deltas (the one place δ is computed)
-    @torch.no_grad()
-    def _param_deltas(self, work, undo: list | None = None) -> list[Tensor | None]:
-        """One layer per parameter: δ for every param that needs one, across ALL groups, with ONE reduction of the
-        layer sums; μ (``delta_ema``) advanced in the state. Returns one fp32 δ vector per entry of ``work``
-        (None where the group has no decay)."""
-        stats = self.layer_stats
-        layers, states, settings, spans = [], [], [], []
-        for group, ps, sts in work:
-            setting = delta_setting(group)
-            if setting is None or not ps:
-                spans.append(None)
-                continue
-            spans.append((len(layers), len(ps)))
-            layers += ps
-            states += sts
-            settings += [setting] * len(ps)
-        if not layers:
-            return [None] * len(work)
-        stat = [i for i, st in enumerate(settings) if st.needs_statistic]
-        sums = None
-        if stat:
-            if len(stat) == len(layers):
-                sums = stats.layer_sums(layers)
-            else:
-                sums = torch.zeros(len(layers), dtype=torch.float64)
-                part = stats.layer_sums([layers[i] for i in stat])
-                sums = sums.to(part.device)
-                sums[torch.tensor(stat, device=part.device)] = part
-        device = sums.device if sums is not None else stats.local(layers[0]).device
-        has = ["delta_ema" in st for st in states]
-        if all(has):
-            mus = torch.stack([st["delta_ema"] for st in states]).to(device)
-        elif any(has):
-            mus = torch.stack([st["delta_ema"].to(device) if h else torch.zeros((), device=device)
-                               for st, h in zip(states, has)])
-        else:
-            mus = torch.zeros(len(layers), device=device)
-        numels = [stats.layer_numel(p) for p in layers] if stat else [1] * len(layers)
-        deltas, new_mu, new_has = advance_deltas(settings, sums, numels, mus, has)
-        ema = [i for i, st in enumerate(settings) if st.mode == "ema"]
-        if ema:
-            if undo is not None:  # to put μ back if the step raises
-                undo += [(states[i], mus[i].clone() if has[i] else None) for i in ema]
-            old = [i for i in ema if has[i]]
-            if old:  # one foreach copy instead of a copy per layer
-                src = new_mu if len(old) == len(layers) else new_mu[torch.tensor(old, device=new_mu.device)]
-                torch._foreach_copy_([states[i]["delta_ema"] for i in old], list(src.unbind(0)))
-            for i in ema:
-                if not has[i]:
-                    states[i]["delta_ema"] = new_mu[i].to(layers[i].device).clone()
-        return [None if span is None else deltas[span[0]:span[0] + span[1]] for span in spans]
-
-    def _layer_settings(self) -> list[DeltaSetting | None]:
-        per_group = [delta_setting(g) for g in self.param_groups]
-        return [per_group[g] for g in self.layer_stats.layout.groups]
-
-    @torch.no_grad()
     def begin_step(self) -> None:
-        """Start a training step of a flat-layout optimizer: sum this rank's part of every layer's ``Σ|θ|`` over the
-        ranks in ONE collective. Engines call it once per training step before they call :meth:`step` (once per
-        param group or sub-group); μ changes only when :meth:`step` runs, so a step the engine skips (fp16
-        overflow) leaves it untouched. Does nothing without a flat strategy."""
-        stats = self.layer_stats
-        if not stats.flat:
-            return
-        settings = self._layer_settings()
-        need = {i for i, st in enumerate(settings) if st is not None and st.needs_statistic}
-        sums = stats.layer_sums(None if len(need) == len(settings) else need) if need else None
-        self._pending = (sums, settings)
-        self._layer_delta = None
-
-    def _flat_deltas(self) -> Tensor:
-        """δ per layer of a flat layout for this training step (computed, and μ advanced, on the first inner step
-        after :meth:`begin_step`)."""
-        if self._pending is None:
-            if self._layer_delta is not None:
-                return self._layer_delta
-            raise RuntimeError("AdamHD has a flat layout but begin_step() was not called before step(): step it "
-                               "through its engine (adamhd_dist.deepspeed.attach or initialize)")
-        sums, settings = self._pending
-        self._pending = None
-        lay, table = self.layer_stats.layout, self.layer_state
-        deltas, new_mu, new_has = advance_deltas(settings, sums, lay.numels, table.mu, table.has_mu)
-        table.advance(deltas, new_mu, new_has)
-        self._layer_delta = deltas
-        return deltas
+        """Start a training step of a flat-layout optimizer: its strategy sums this rank's part of every layer's
+        ``Σ|θ|`` over the ranks in ONE collective. Engines call it once per training step before they call
+        :meth:`step` (once per param group or sub-group); μ changes only when :meth:`step` runs, so a step the
+        engine skips (fp16 overflow) leaves it untouched. Does nothing without a flat strategy."""
+        self.layer_stats.begin_step()
 
     def invalidate_layer_stats(self) -> None:
         """Forget the statistics kept from the last update, so the next step re-reads every θ. The optimizer
@@ -559,7 +361,8 @@ class AdamHD(Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None):
         """One AdamHD step for every parameter that has a gradient (with autograd recording it when the optimizer
-        was built with ``differentiable=True``, as torch.optim does). A step that raises changes nothing."""
+        was built with ``differentiable=True``, as torch.optim does). A step that raises on its inputs changes
+        nothing (see the class docstring)."""
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             return self._step(closure)
 
@@ -575,43 +378,27 @@ class AdamHD(Optimizer):
         self._report_nonfinite()
 
         created: list[Tensor] = []
-        undo_mu: list = []
-        table = self.layer_state
-        saved_table = None if table is None else (table.mu.clone(), table.has_mu.clone(), table.delta.clone(),
-                                                  self._pending, self._layer_delta)
+        undo = None
         try:
             work = self._collect(created)
-            self._check_placement(work)
-            self._update(work, grad_scale, undo_mu)
+            self.layer_stats.check_placement(work)  # may set the DTensor strategy: read it afterwards
+            undo = self.layer_stats.undo_point()
+            self._update(work, grad_scale)
         except BaseException:
             # put back what this step made or moved before it raised (checks run before any tensor is written)
             for p in created:
                 self.state.pop(p, None)
-            for st, mu in reversed(undo_mu):
-                if mu is None:
-                    st.pop("delta_ema", None)
-                else:
-                    st["delta_ema"].copy_(mu)
-            if saved_table is not None:
-                table.mu.copy_(saved_table[0])
-                table.has_mu.copy_(saved_table[1])
-                table.delta.copy_(saved_table[2])
-                self._pending, self._layer_delta = saved_table[3:]
+            if undo is not None:
+                undo()
             raise
         self._report_nonfinite()
         return loss
 
-    def _update(self, work, grad_scale, undo_mu) -> None:
+    def _update(self, work, grad_scale) -> None:
         stats = self.layer_stats
-        with torch.no_grad():
-            if stats.flat:
-                layer_delta = self._flat_deltas()
-                group_deltas = [None] * len(work)
-            else:
-                layer_delta = None
-                group_deltas = self._param_deltas(work, undo_mu)
-        # expanded by last_deltas(), when asked (params and δ vectors only: no state is kept alive by it)
-        self._last_deltas = tuple((ps, ds) for (_, ps, _), ds in zip(work, group_deltas) if ds is not None)
+        group_deltas = stats.deltas(work)
+        if not stats.flat:  # expanded by last_deltas(), when asked (params and δ vectors only: no state kept alive)
+            self._last_deltas = tuple((ps, ds) for (_, ps, _), ds in zip(work, group_deltas) if ds is not None)
         for (group, ps, states), group_delta in zip(work, group_deltas):
             if not ps:
                 continue
@@ -623,32 +410,12 @@ class AdamHD(Optimizer):
                 steps = (torch.stack(step_tensors) + 1.0).tolist()
             beta1, beta2 = group["betas"]
             setting = delta_setting(group)
-            vmax = None
-            if stats.flat and setting is not None:
-                params, grads, m, v, steps, ds, owners = stats.units(ps, states, steps, layer_delta)
-                device = params[0].device if params else ps[0].device
-                ds = ds.to(device)
-            else:
-                owners = None
-                params, grads = list(ps), [p.grad for p in ps]
-                m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-                if group["amsgrad"]:
-                    vmax = [s["max_exp_avg_sq"] for s in states]
-                if type(stats).local is not LayerStats.local:  # e.g. DTensor shards
-                    params, grads, m, v = ([stats.local(t) for t in ts] for ts in (params, grads, m, v))
-                    if vmax is not None:
-                        vmax = [stats.local(t) for t in vmax]
-                if any(t.is_complex() for t in params):  # as torch.optim: the real view, two coordinates each
-                    params, grads, m, v = ([real_view(t) for t in ts] for ts in (params, grads, m, v))
-                    if vmax is not None:
-                        vmax = [real_view(t) for t in vmax]
-                device = params[0].device
-                ds = group_delta.to(device) if setting is not None else None
+            params, grads, m, v, vmax, unit_steps, ds, owners = stats.units(group, ps, states, steps, group_delta)
             if params:
                 needs = setting is not None and setting.needs_statistic
-                sums_out = torch.empty(len(params), dtype=torch.float64, device=device) if needs else None
+                sums_out = torch.empty(len(params), dtype=torch.float64, device=params[0].device) if needs else None
                 count = F.adamhd(
-                    params, grads, m, v, steps, ds,
+                    params, grads, m, v, unit_steps, ds,
                     foreach=group["foreach"], fused=group["fused"], grad_scale=grad_scale, abs_sums_out=sums_out,
                     max_exp_avg_sqs=vmax, amsgrad=group["amsgrad"], maximize=group["maximize"],
                     capturable=capturable, differentiable=group["differentiable"],
@@ -657,12 +424,8 @@ class AdamHD(Optimizer):
                     bias_correction=group["bias_correction"])
                 step_now = int(max(float(t) for t in steps)) if not capturable else None
                 self._pending_nonfinite.append((step_now, count))
-                if needs and owners is not None:
-                    for (p, n), chunk in zip(owners, sums_out.split([n for _, n in owners])):
-                        stats.remember(p, chunk)
-                elif needs:
-                    for p, total in zip(ps, sums_out.unbind(0)):
-                        stats.remember(p, total)
+                if needs:
+                    stats.record(owners, sums_out)
             with torch.no_grad():
                 torch._foreach_add_(step_tensors, 1.0)
 
@@ -672,15 +435,14 @@ class AdamHD(Optimizer):
         state keyed by name, independent of how the layers are cut) and ``"flat_layout"`` (which elements of which
         layer each saved flat tensor holds, so that a checkpoint can be loaded at another world size)."""
         sd = super().state_dict()
-        if self.layer_stats.flat:
-            sd["layer_state"] = self.layer_state.state_dict()
-            sd["flat_layout"] = self.layer_stats.layout.describe([p for g in self.param_groups for p in g["params"]])
+        sd.update(self.layer_stats.state_dict([p for g in self.param_groups for p in g["params"]]))
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load an AdamHD state_dict exactly, or an AdamW one, with or without amsgrad (keeps step, moments and
         ``max_exp_avg_sq``; μ starts from the next step's statistic). μ is kept in fp32 whatever the parameter
-        dtype. A state dict that does not fit (another number of groups, a bad hyperparameter) changes nothing."""
+        dtype. A state dict that does not fit (another number of groups, a bad hyperparameter, a moment of another
+        shape than its parameter) changes nothing."""
         state_dict = dict(state_dict)
         layer_state = state_dict.pop("layer_state", None)
         saved_layout = state_dict.pop("flat_layout", None)
@@ -700,17 +462,13 @@ class AdamHD(Optimizer):
             check_hyperparameters(saved)
             groups.append(saved)
         state_dict["param_groups"] = groups
-        before = list(self.param_groups)
+        self.layer_stats.check_saved(layer_state, saved_layout)
         saved_state = state_dict["state"]
+        _check_state_shapes(groups, self.param_groups, saved_state)
         mus = {k: v["delta_ema"] for k, v in saved_state.items() if "delta_ema" in v}
         state_dict["state"] = {k: {kk: vv for kk, vv in v.items() if kk != "delta_ema"}
                                for k, v in saved_state.items()}
         super().load_state_dict(state_dict)
-        # torch rebuilds the group dicts: the shapes given per group follow them, in order
-        self._given_shapes = {id(new): self._given_shapes[id(old)] for old, new in zip(before, self.param_groups)
-                              if id(old) in self._given_shapes}
-        self.layer_stats.invalidate()
-        index = [p for g in self.param_groups for p in g["params"]]
         for g in self.param_groups:  # the step counter where this optimizer keeps it (see _init_state)
             for p in g["params"]:
                 st = self.state.get(p)
@@ -724,14 +482,7 @@ class AdamHD(Optimizer):
             p = keys[k]
             self.state[p]["delta_ema"] = torch.as_tensor(mu).detach().to(p.device, torch.float32).clone()
         self._last_deltas = {}
-        self._pending, self._layer_delta = None, None
-        self._placed.clear()
-        if layer_state is not None or saved_layout is not None:
-            if self.layer_state is not None:
-                _check_saved_layout(saved_layout, self.layer_stats.layout)
-                self.layer_state.load_state_dict(layer_state or {}, strict=False)
-            else:
-                self._loaded_layer_state = (layer_state or {}, saved_layout)
+        self.layer_stats.load_state_dict(layer_state, saved_layout)
 
     def last_deltas(self) -> dict[Tensor, float]:
         """{param: δ used at its most recent step} (params with weight_decay > 0 only; one layer per param)."""
@@ -744,63 +495,18 @@ class AdamHD(Optimizer):
         return {p: float(d) for p, d in last.items()}
 
 
-def _check_saved_layout(saved: dict | None, layout) -> None:
-    """A state saved over flat partitions holds each partition's moments: it loads only where the layers are cut
-    the same way (a checkpoint of another world size goes through the engine adapter, which reshards it). The
-    partitions are matched by their index in the engine's own list (independent of what the param groups hold at
-    the moment: ZeRO-3 empties them between its sub-group steps)."""
-    if saved is None:
-        return
-
-    def norm(frags):
-        return [tuple(f) for f in frags]
-
-    then = {v["engine_index"] if v.get("engine_index") is not None else int(k): norm(v["fragments"])
-            for k, v in saved.items()}
-    if then != layout.cuts():
-        raise ValueError(
-            "this optimizer state was saved over flat partitions that cut the layers differently (another world "
-            "size, ZeRO stage or bucket setting): its moments would land on the wrong elements. Load it with "
-            "engine.load_checkpoint after adamhd_dist.deepspeed.attach(engine), which reshards it, or read it with "
-            "`python -m adamhd_dist.deepspeed export`")
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-class LayerState:
-    """Per-layer state of an optimizer whose tensors hold parts of many layers (a flat strategy): μ of every layer
-    by its index in the layout's table, the same on every rank, and δ at the latest step. Part of the optimizer's
-    state (``state_dict()["layer_state"]``, by layer name: independent of how the layers are cut)."""
-
-    def __init__(self, names: list[str], device: torch.device):
-        self.names = list(names)
-        self.index = {name: i for i, name in enumerate(self.names)}
-        n = len(self.names)
-        self.mu = torch.zeros(n, dtype=torch.float32, device=device)
-        self.has_mu = torch.zeros(n, dtype=torch.bool, device=device)
-        self.delta = torch.full((n,), float("nan"), dtype=torch.float32, device=device)  # δ at the latest step
-
-    def advance(self, deltas: Tensor, mu: Tensor, has_mu: Tensor) -> None:
-        self.delta.copy_(deltas)
-        if mu is not self.mu:
-            self.mu.copy_(mu)
-        if has_mu is not self.has_mu:
-            self.has_mu.copy_(has_mu)
-
-    def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        """``{layer name: {"delta_ema": fp32 0-d}}`` for every layer that has a μ."""
-        mu, has = self.mu.cpu(), self.has_mu.cpu()
-        return {name: {"delta_ema": mu[i].clone()} for i, name in enumerate(self.names) if has[i]}
-
-    def load_state_dict(self, state: dict[str, dict[str, Tensor]], *, strict: bool = True) -> None:
-        unknown = sorted(set(state) - set(self.index))
-        if unknown and strict:
-            raise ValueError(f"checkpoint has layer state for {len(unknown)} layer(s) this model does not have, "
-                             f"e.g. {unknown[:3]}")
-        self.mu.zero_()
-        self.has_mu.zero_()
-        for name, st in state.items():
-            i = self.index.get(name)
-            if i is None or "delta_ema" not in st:
-                continue
-            self.mu[i] = torch.as_tensor(st["delta_ema"], dtype=torch.float32).reshape(())
-            self.has_mu[i] = True
-        self.delta.fill_(float("nan"))
+def _check_state_shapes(saved_groups, groups, saved_state) -> None:
+    """Refuse, before anything is loaded, a moment whose shape is not its parameter's: the update would fail on it
+    part way through a step, after other tensors were written."""
+    for gi, (saved, current) in enumerate(zip(saved_groups, groups)):
+        for j, (key, p) in enumerate(zip(saved["params"], current["params"])):
+            st = saved_state.get(key) or {}
+            for name in _MOMENTS:
+                t = st.get(name)
+                if isinstance(t, Tensor) and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict: the state of param group {gi}, parameter {j} (key {key!r}) has "
+                                     f"{name} of shape {tuple(t.shape)}, the parameter has shape {tuple(p.shape)}: "
+                                     f"a state saved for another model (or another sharding) cannot be loaded")

@@ -311,6 +311,7 @@ def fused_adamhd_cpu_(
     decay: str,
     grad_scale: float | None = None,
     abs_sums_out: torch.Tensor | None = None,
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None = None,
 ) -> int:
     """One fused AdamHD step over lists of contiguous CPU tensors, in place. Returns the non-finite count.
 
@@ -328,6 +329,10 @@ def fused_adamhd_cpu_(
         x -= step_size * m2 / (sqrt(v2) / bc2_sqrt + eps)
         prox: x -= tau * clamp(x / (1 + tau), -delta, delta)
         g finite: p, m, v = x, m2, v2;  otherwise p, m, v are left unchanged and the element is counted.
+
+    ``max_exp_avg_sqs`` (amsgrad, as torch's AdamW): one tensor per param, of the size and dtype of its
+    ``exp_avg_sq``, updated in place to ``vm2 = max(vm, v2)``, which replaces ``v2`` in the denominator. These calls
+    take the portable code (no intrinsics); the bits are those of the same formulas.
 
     Evaluated in fp32 with fused multiply-adds and with the per-tensor constants folded (``step_size * bc2_sqrt``,
     ``eps * bc2_sqrt``, ``tau / (1 + tau)``, ``(1 + tau) * delta``, each rounded once from double), so that an
@@ -353,7 +358,11 @@ def fused_adamhd_cpu_(
             raise ValueError(f"abs_sums_out must be a contiguous float64 CPU tensor of shape ({n},)")
     if n == 0:
         return 0
-    for name, ts in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+    vms = [] if max_exp_avg_sqs is None else list(max_exp_avg_sqs)
+    if vms and len(vms) != n:
+        raise ValueError("max_exp_avg_sqs must have one tensor per param")
+    for name, ts in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                     ("max_exp_avg_sqs", vms)):
         _check_plain(name, ts)
     if mode != 0 and deltas is None:
         raise ValueError("deltas is required when weight_decay != 0")
@@ -365,7 +374,7 @@ def fused_adamhd_cpu_(
         load().adamhd_step(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), ss, bc, ds,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), mode, scale,
-            abs_sums_out,
+            abs_sums_out, vms,
         )
     )
 

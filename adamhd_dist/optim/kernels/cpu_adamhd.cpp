@@ -15,6 +15,8 @@
 //   prox:   x = fma(-tau / (1 + tau), clamp(x, -(1 + tau) delta, (1 + tau) delta), x)
 //                                                         (= x - tau * clamp(x / (1 + tau), -delta, delta))
 //   if g is finite: store x, m2, v2; else leave p, m, v bit-for-bit unchanged and count the element.
+// amsgrad (a max_exp_avg_sq tensor per tensor): vm2 = max(vm, v2) replaces v2 in the denominator and is stored with
+// them (torch's AdamW: the running maximum of v, bias-corrected as v is); those calls take the portable code.
 // The per-tensor constants (step_size * bc2, eps * bc2, (1 + tau) * delta, tau / (1 + tau)) are computed in double and
 // rounded once to fp32. Written this way the step costs one division and one square root per element, as
 // DeepSpeedCPUAdam's does; results differ from the formulas evaluated exactly only by fp32 roundings (a few ulps of
@@ -356,6 +358,23 @@ inline __attribute__((always_inline)) float element(float gi, float mi, float vi
   return x;
 }
 
+// element() with amsgrad: the denominator from vm2 = max(vm, v2) (std::max: vm when v2 is not larger).
+template <int MODE, bool LERP_LOW>
+inline __attribute__((always_inline)) float element_ams(float gi, float mi, float vi, float vmi, float pi,
+                                                        const LoopConsts& c, float& m2, float& v2, float& vm2) {
+  const float base =
+      LERP_LOW ? mi : bits_to_float((float_to_bits(mi) & c.lerp_mask) | (float_to_bits(gi) & ~c.lerp_mask));
+  m2 = std::fma(c.lerp_coef, gi - mi, base);
+  v2 = std::fma(c.omb2, gi * gi, c.beta2 * vi);
+  vm2 = std::max(vmi, v2);
+  const float denom = std::sqrt(vm2) + c.eps_bc;
+  float x = pi;
+  if (MODE == kClip) x = std::fma(c.neg_c, std::min(std::max(x, c.lo), c.hi), x);
+  x = std::fma(c.neg_step_bc, m2 / denom, x);
+  if (MODE == kProx) x = std::fma(c.neg_c, std::min(std::max(x, c.lo), c.hi), x);
+  return x;
+}
+
 // Whether every gradient of a range, divided by grad_scale when SCALE, is finite, from the largest |g| as bits (`top`:
 // the order of non-negative floats, with inf and NaN above every finite value): it and its quotient must be finite
 // (rounding is monotonic, so no smaller |g| / |grad_scale| can overflow).
@@ -420,6 +439,45 @@ inline __attribute__((always_inline)) int32_t update_range(P* __restrict p, cons
   return bad;
 }
 
+// update_range with amsgrad (vm: the running maximum of v, stored like v).
+template <typename P, typename G, typename S, int MODE, bool SCALE>
+inline __attribute__((always_inline)) int32_t update_range_ams(P* __restrict p, const G* __restrict g,
+                                                               S* __restrict m, S* __restrict v, S* __restrict vm,
+                                                               int64_t b0, int64_t b1, const LoopConsts& c,
+                                                               bool finite) {
+  if (finite) {
+#pragma omp simd
+    for (int64_t i = b0; i < b1; ++i) {
+      float gi = Store<G>::load(g[i]);
+      if (SCALE) gi = gi / c.gs;
+      float m2, v2, vm2;
+      const float x = element_ams<MODE, true>(gi, Store<S>::load(m[i]), Store<S>::load(v[i]), Store<S>::load(vm[i]),
+                                              Store<P>::load(p[i]), c, m2, v2, vm2);
+      p[i] = Store<P>::store(x);
+      m[i] = Store<S>::store(m2);
+      v[i] = Store<S>::store(v2);
+      vm[i] = Store<S>::store(vm2);
+    }
+    return 0;
+  }
+  int32_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t i = b0; i < b1; ++i) {
+    float gi = Store<G>::load(g[i]);
+    if (SCALE) gi = gi / c.gs;
+    float m2, v2, vm2;
+    const float x = element_ams<MODE, false>(gi, Store<S>::load(m[i]), Store<S>::load(v[i]), Store<S>::load(vm[i]),
+                                             Store<P>::load(p[i]), c, m2, v2, vm2);
+    const bool fin = std::abs(gi) <= FLT_MAX;
+    bad += fin ? 0 : 1;
+    p[i] = Store<P>::select(fin, x, p[i]);
+    m[i] = Store<S>::select(fin, m2, m[i]);
+    v[i] = Store<S>::select(fin, v2, v[i]);
+    vm[i] = Store<S>::select(fin, vm2, vm[i]);
+  }
+  return bad;
+}
+
 #if ADAMHD_SIMD
 // The update of one whole range [i0, i0 + kSumSub) of fp32 tensors whose gradients are known finite, with lerp_low:
 // element() in vectors. With SUMS, also the fp32 lane sums of the stored |p| (out_sums, as BlockSum::add_sub); with
@@ -479,8 +537,8 @@ inline uint32_t simd_range(float* __restrict p, const float* __restrict g, float
 // The piece is updated in ranges of kSumSub elements: a range whose gradients are all finite (checked before it is
 // updated) takes the loop without masks; the statistic of a range is taken right behind its update (still in L1).
 template <typename P, typename G, typename S, int MODE, bool SCALE>
-int64_t step_piece(P* __restrict p, const G* __restrict g, S* __restrict m, S* __restrict v, int64_t n,
-                   const Scalars& sc, const TensorScalars& ts, double* __restrict partials) {
+int64_t step_piece(P* __restrict p, const G* __restrict g, S* __restrict m, S* __restrict v, S* __restrict vm,
+                   int64_t n, const Scalars& sc, const TensorScalars& ts, double* __restrict partials) {
   LoopConsts c;
   c.lerp_mask = sc.lerp_low ? 0xFFFFFFFFu : 0u;
   c.lerp_low = sc.lerp_low;
@@ -505,6 +563,12 @@ int64_t step_piece(P* __restrict p, const G* __restrict g, S* __restrict m, S* _
     BlockSum acc;
     for (int64_t i = b0; i < b1; i += kSumSub) {
       const int64_t e = std::min(b1, i + kSumSub);
+      if (vm != nullptr) {  // amsgrad: portable code only
+        bad_total += update_range_ams<P, G, S, MODE, SCALE>(p, g, m, v, vm, i, e, c, ok);
+        if (sums) acc.add(p + i, e - i);
+        ok = check(e);
+        continue;
+      }
 #if ADAMHD_SIMD
       if constexpr (std::is_same_v<P, float> && std::is_same_v<G, float> && std::is_same_v<S, float>) {
         if (ok && e - i == kSumSub) {
@@ -541,14 +605,14 @@ inline int dtype_code(const at::Tensor& t, const char* what) {
   return -1;
 }
 
-using PieceFn = int64_t (*)(void*, const void*, void*, void*, int64_t, const Scalars&, const TensorScalars&,
-                           double*);
+using PieceFn = int64_t (*)(void*, const void*, void*, void*, void*, int64_t, const Scalars&,
+                           const TensorScalars&, double*);
 
 template <typename P, typename G, typename S, int MODE, bool SCALE>
-int64_t piece_erased(void* p, const void* g, void* m, void* v, int64_t n, const Scalars& sc,
+int64_t piece_erased(void* p, const void* g, void* m, void* v, void* vm, int64_t n, const Scalars& sc,
                      const TensorScalars& ts, double* partials) {
   return step_piece<P, G, S, MODE, SCALE>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m),
-                                          static_cast<S*>(v), n, sc, ts, partials);
+                                          static_cast<S*>(v), static_cast<S*>(vm), n, sc, ts, partials);
 }
 
 // Block partials of one block-aligned piece (abs_sums).
@@ -591,6 +655,7 @@ struct Job {
   const void* g;
   void* m;
   void* v;
+  void* vm;  // max_exp_avg_sq (amsgrad), else nullptr
   int64_t elem_p, elem_g, elem_s;  // element sizes in bytes, for offsetting
   PieceFn fn;
   TensorScalars ts;
@@ -614,8 +679,12 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
                     const std::vector<double>& step_sizes, const std::vector<double>& bc2_sqrts,
                     const std::vector<double>& deltas, double lr, double beta1, double beta2, double eps,
                     double weight_decay, int64_t decay_mode, double grad_scale,
-                    const std::optional<at::Tensor>& abs_sums_out) {
+                    const std::optional<at::Tensor>& abs_sums_out,
+                    const std::vector<at::Tensor>& max_exp_avg_sqs) {
   const size_t nt = params.size();
+  const bool ams = !max_exp_avg_sqs.empty();
+  TORCH_CHECK(!ams || max_exp_avg_sqs.size() == nt,
+              "adamhd cpu kernel: max_exp_avg_sqs needs one tensor per param (or none)");
   if (abs_sums_out.has_value()) check_sums_out(*abs_sums_out, nt);
   TORCH_CHECK(grads.size() == nt && exp_avgs.size() == nt && exp_avg_sqs.size() == nt,
               "adamhd cpu kernel: params, grads, exp_avgs, exp_avg_sqs must have the same length");
@@ -659,12 +728,20 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
     const int mc = dtype_code(m, "exp_avg");
     const int vc = dtype_code(v, "exp_avg_sq");
     TORCH_CHECK(mc == vc, "adamhd cpu kernel: tensor ", i, ": exp_avg and exp_avg_sq dtypes differ");
+    if (ams) {
+      const at::Tensor& vm = max_exp_avg_sqs[i];
+      TORCH_CHECK(vm.device().is_cpu() && vm.numel() == n && vm.is_contiguous(), "adamhd cpu kernel: tensor ", i,
+                  ": max_exp_avg_sq must be a contiguous CPU tensor of the param's size");
+      TORCH_CHECK(dtype_code(vm, "max_exp_avg_sq") == vc, "adamhd cpu kernel: tensor ", i,
+                  ": max_exp_avg_sq and exp_avg_sq dtypes differ");
+    }
     if (n == 0) continue;
     Job j;
     j.p = p.data_ptr();
     j.g = g.data_ptr();
     j.m = m.data_ptr();
     j.v = v.data_ptr();
+    j.vm = ams ? max_exp_avg_sqs[i].data_ptr() : nullptr;
     j.elem_p = p.element_size();
     j.elem_g = g.element_size();
     j.elem_s = m.element_size();
@@ -694,7 +771,8 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
     const int64_t bad = job.fn(static_cast<char*>(job.p) + off * job.elem_p,
                                static_cast<const char*>(job.g) + off * job.elem_g,
                                static_cast<char*>(job.m) + off * job.elem_s,
-                               static_cast<char*>(job.v) + off * job.elem_s, n, sc, job.ts,
+                               static_cast<char*>(job.v) + off * job.elem_s,
+                               job.vm ? static_cast<char*>(job.vm) + off * job.elem_s : nullptr, n, sc, job.ts,
                                want_sums ? partials.data() + job.pbase + off / kSumBlock : nullptr);
     if (bad) bad_total.fetch_add(bad, std::memory_order_relaxed);
   });
@@ -710,6 +788,8 @@ int64_t adamhd_step(const std::vector<at::Tensor>& params, const std::vector<at:
     for (const at::Tensor* t : {&params[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
       if (t->numel() > 0 && !t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
     }
+    if (ams && max_exp_avg_sqs[i].numel() > 0 && !max_exp_avg_sqs[i].is_inference())
+      max_exp_avg_sqs[i].unsafeGetTensorImpl()->bump_version();
   }
   return bad_total.load();
 }
@@ -770,7 +850,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("step_sizes"),
           py::arg("bc2_sqrts"), py::arg("deltas"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
           py::arg("eps"), py::arg("weight_decay"), py::arg("decay_mode"), py::arg("grad_scale"),
-          py::arg("abs_sums_out") = py::none(), py::call_guard<py::gil_scoped_release>());
+          py::arg("abs_sums_out") = py::none(), py::arg("max_exp_avg_sqs") = std::vector<at::Tensor>(),
+          py::call_guard<py::gil_scoped_release>());
   mod.attr("SUM_BLOCK") = kSumBlock;
   mod.attr("SUM_SUB") = kSumSub;
   mod.attr("SUM_LANES") = kSumLanes;

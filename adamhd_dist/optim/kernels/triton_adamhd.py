@@ -81,14 +81,15 @@ if _HAS_TRITON:
 
     @triton.jit
     def _adamhd_block(
-        p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
+        p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask,
         step_size, bc2_sqrt, delta, scale,
         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
         P_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-        DECAY: tl.constexpr, HAS_SCALE: tl.constexpr,
+        DECAY: tl.constexpr, HAS_SCALE: tl.constexpr, AMSGRAD: tl.constexpr,
     ):
         """One BLOCK of the update; returns (number of non-finite grads in it (int32), |θ| of the STORED new
-        values as an fp32 vector of BLOCK lanes, 0 in masked lanes)."""
+        values as an fp32 vector of BLOCK lanes, 0 in masked lanes). AMSGRAD: ``vm`` (the running maximum of v,
+        stored like v) becomes max(vm, v2) and replaces v2 in the denominator."""
         p_raw = tl.load(p_ptr + offs, mask=mask)
         m_raw = tl.load(m_ptr + offs, mask=mask)
         v_raw = tl.load(v_ptr + offs, mask=mask)
@@ -101,7 +102,12 @@ if _HAS_TRITON:
 
         m2 = m + one_minus_beta1 * (g - m)  # torch.lerp(m, g, 1-beta1), the weight < 0.5 form
         v2 = beta2 * v + one_minus_beta2 * (g * g)
-        denom = tl.div_rn(tl.sqrt_rn(v2), bc2_sqrt) + eps
+        if AMSGRAD:
+            vm_raw = tl.load(vm_ptr + offs, mask=mask)
+            vm2 = tl.maximum(vm_raw.to(tl.float32), v2)
+            denom = tl.div_rn(tl.sqrt_rn(vm2), bc2_sqrt) + eps
+        else:
+            denom = tl.div_rn(tl.sqrt_rn(v2), bc2_sqrt) + eps
         if DECAY == 2:  # clip: gradient step on tau*Huber before the Adam step
             x = x - tau * tl.minimum(tl.maximum(x, -delta), delta)
         x = x - step_size * tl.div_rn(m2, denom)
@@ -114,6 +120,8 @@ if _HAS_TRITON:
         tl.store(p_ptr + offs, p_new, mask=mask)
         tl.store(m_ptr + offs, tl.where(ok, _to_storage(m2, M_DTYPE), m_raw), mask=mask)
         tl.store(v_ptr + offs, tl.where(ok, _to_storage(v2, V_DTYPE), v_raw), mask=mask)
+        if AMSGRAD:
+            tl.store(vm_ptr + offs, tl.where(ok, _to_storage(vm2, V_DTYPE), vm_raw), mask=mask)
         p_abs = tl.abs(p_new.to(tl.float32))  # next step's statistic, from the registers (no second pass)
         if mask is None:
             bad = tl.sum((ok == 0).to(tl.int32), axis=0)
@@ -135,12 +143,12 @@ if _HAS_TRITON:
 
     @triton.jit
     def _adamhd_chunk(
-        p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n,
+        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, t, start, n,
         step_size, bc2_sqrt, delta, scale,
         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-        DECAY: tl.constexpr, HAS_SCALE: tl.constexpr, FULL: tl.constexpr, HINT: tl.constexpr,
-        BLOCK: tl.constexpr, K: tl.constexpr,
+        DECAY: tl.constexpr, HAS_SCALE: tl.constexpr, AMSGRAD: tl.constexpr, FULL: tl.constexpr,
+        HINT: tl.constexpr, BLOCK: tl.constexpr, K: tl.constexpr,
     ):
         """One chunk (K blocks); FULL: all BLOCK*K elements valid, no bounds mask. Returns (the non-finite count,
         the chunk's fp32 Σ|θ_new|, summed in the same order as :func:`_abs_chunk`)."""
@@ -148,6 +156,10 @@ if _HAS_TRITON:
         g_ptr = _base(g_ptrs, t, start, G_DTYPE, HINT)
         m_ptr = _base(m_ptrs, t, start, M_DTYPE, HINT)
         v_ptr = _base(v_ptrs, t, start, V_DTYPE, HINT)
+        if AMSGRAD:
+            vm_ptr = _base(vm_ptrs, t, start, V_DTYPE, HINT)
+        else:
+            vm_ptr = v_ptr  # never read
         bad = tl.zeros((), dtype=tl.int32)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K):
@@ -157,10 +169,10 @@ if _HAS_TRITON:
             else:
                 mask = offs < n
             b, a = _adamhd_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, offs, mask,
+                p_ptr, g_ptr, m_ptr, v_ptr, vm_ptr, offs, mask,
                 step_size, bc2_sqrt, delta, scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
-                P_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE,
+                P_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, AMSGRAD,
             )
             bad += b
             acc += a
@@ -168,7 +180,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _adamhd_kernel(
-        p_ptrs, g_ptrs, m_ptrs, v_ptrs,  # int64 address tables, one entry per tensor
+        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs,  # int64 address tables, one entry per tensor (vm: AMSGRAD)
         chunk_tensor, chunk_start, chunk_len,  # one entry per chunk (= per program)
         aligned,  # int8 per tensor: 1 if its p, g, m, v addresses are 16-byte aligned (read when ALIGN == 2)
         step_sizes, bc2_sqrts, deltas,  # fp32, one entry per tensor
@@ -177,7 +189,7 @@ if _HAS_TRITON:
         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,  # runtime fp32 scalars
         P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
         DECAY: tl.constexpr,  # 0: none, 1: prox, 2: clip
-        HAS_SCALE: tl.constexpr, HAS_NONFINITE: tl.constexpr, HAS_SUMS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_NONFINITE: tl.constexpr, HAS_SUMS: tl.constexpr, AMSGRAD: tl.constexpr,
         ALIGN: tl.constexpr,  # 0: no tensor 16-byte aligned, 1: all, 2: mixed (read the per-tensor flag)
         BLOCK: tl.constexpr, K: tl.constexpr,
     ):
@@ -203,27 +215,27 @@ if _HAS_TRITON:
             if ALIGN == 2:
                 if tl.load(aligned + t) != 0:
                     bad, s = _adamhd_chunk(
-                        p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
+                        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
-                        P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, True, BLOCK, K,
+                        P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, AMSGRAD, True, True, BLOCK, K,
                     )
                 else:
                     bad, s = _adamhd_chunk(
-                        p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
+                        p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                         one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
-                        P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, False, BLOCK, K,
+                        P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, AMSGRAD, True, False, BLOCK, K,
                     )
             else:
                 bad, s = _adamhd_chunk(
-                    p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
+                    p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                     one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
-                    P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, True, ALIGN == 1, BLOCK, K,
+                    P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, AMSGRAD, True, ALIGN == 1, BLOCK, K,
                 )
         else:
             bad, s = _adamhd_chunk(
-                p_ptrs, g_ptrs, m_ptrs, v_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
+                p_ptrs, g_ptrs, m_ptrs, v_ptrs, vm_ptrs, t, start, n, step_size, bc2_sqrt, delta, scale,
                 one_minus_beta1, beta2, one_minus_beta2, eps, tau, one_plus_tau,
-                P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, False, ALIGN == 1, BLOCK, K,
+                P_DTYPE, G_DTYPE, M_DTYPE, V_DTYPE, DECAY, HAS_SCALE, AMSGRAD, False, ALIGN == 1, BLOCK, K,
             )
         if HAS_NONFINITE:
             if bad > 0:
@@ -387,6 +399,7 @@ def fused_adamhd_triton_(
     grad_scale: Tensor | None = None,
     nonfinite: Tensor | None = None,
     abs_sums: Tensor | None = None,
+    max_exp_avg_sqs: Sequence[Tensor] | None = None,
 ) -> None:
     """AdamHD update of every tensor in place, one kernel launch per dtype combination (normally one).
 
@@ -400,9 +413,14 @@ def fused_adamhd_triton_(
     :func:`layer_abs_sums_triton` (bitwise the same under the interpreter; on a GPU the reduction tree inside a
     block is the compiler's, so the last bits may differ), chunks combined with atomic adds, so the last bits may
     also vary from run to run on a GPU.
+    ``max_exp_avg_sqs`` (amsgrad, as torch's AdamW): one tensor per param, of the size and dtype of its
+    ``exp_avg_sq``, updated in place to ``max(vm, v_new)``, which replaces ``v_new`` in the denominator.
     """
     _require_triton()
     n_t = len(params)
+    vms = None if max_exp_avg_sqs is None else list(max_exp_avg_sqs)
+    if vms is not None and len(vms) != n_t:
+        raise ValueError("max_exp_avg_sqs must have one tensor per param")
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n_t):
         raise ValueError("params, grads, exp_avgs and exp_avg_sqs must have the same length")
     if decay not in ("prox", "clip"):
@@ -434,7 +452,7 @@ def fused_adamhd_triton_(
 
     # One pass over the tensors (the host cost of a step): cheap checks, full ones only on a mismatch.
     dev = _device_index(params[0])
-    numels, pmv_ptrs, g_ptrs, keys = [], [], [], []
+    numels, pmv_ptrs, g_ptrs, vm_ptrs, keys = [], [], [], [], []
     for i in range(n_t):
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
         n = p.numel()
@@ -447,6 +465,13 @@ def fused_adamhd_triton_(
             _check("grads", g, device, n)
             _check("exp_avgs", m, device, n)
             _check("exp_avg_sqs", v, device, n)
+        if vms is not None:
+            vm = vms[i]
+            if not (vm.numel() == n and vm.is_contiguous() and vm.get_device() == dev):
+                _check("max_exp_avg_sqs", vm, device, n)
+            if vm.dtype != v.dtype:
+                raise TypeError(f"max_exp_avg_sqs[{i}]: dtype {vm.dtype} differs from its exp_avg_sq's {v.dtype}")
+            vm_ptrs.append(vm.data_ptr())
         numels.append(n)
         pmv_ptrs.append((p.data_ptr(), m.data_ptr(), v.data_ptr()))
         g_ptrs.append(g.data_ptr())
@@ -464,12 +489,13 @@ def fused_adamhd_triton_(
     groups = _groups(keys)
     for (pd, gd, md, vd), idx in groups:
         if len(groups) == 1:
-            sub_numels, sub_pmv, sub_g = tuple(numels), tuple(pmv_ptrs), tuple(g_ptrs)
+            sub_numels, sub_pmv, sub_g, sub_vm = tuple(numels), tuple(pmv_ptrs), tuple(g_ptrs), tuple(vm_ptrs)
             ss, bc, dl = step_sizes, bc2_sqrts, deltas
         else:
             sub_numels = tuple(numels[i] for i in idx)
             sub_pmv = tuple(pmv_ptrs[i] for i in idx)
             sub_g = tuple(g_ptrs[i] for i in idx)
+            sub_vm = tuple(vm_ptrs[i] for i in idx) if vms is not None else ()
             sel = _index(tuple(idx), device)
             ss, bc = step_sizes.index_select(0, sel), bc2_sqrts.index_select(0, sel)
             dl = deltas.index_select(0, sel) if deltas is not None else None
@@ -484,9 +510,13 @@ def fused_adamhd_triton_(
                        lambda: _upload(torch.tensor(sub_pmv, dtype=torch.int64).t().contiguous(), device))
         gt = _addresses(sub_g, device)
         flags = tuple((a | b | c | d) % 16 == 0 for (a, b, c), d in zip(sub_pmv, sub_g))
+        vmt = None
+        if vms is not None:
+            vmt = _addresses(sub_vm, device)
+            flags = tuple(f and w % 16 == 0 for f, w in zip(flags, sub_vm))
         align_mode, align_table = _alignment(flags, device)
         _adamhd_kernel[(n_chunks,)](
-            pmv[0], gt, pmv[1], pmv[2],
+            pmv[0], gt, pmv[1], pmv[2], vmt if vmt is not None else pmv[2],
             chunk_tensor, chunk_start, chunk_len,
             align_table if align_table is not None else chunk_len,
             ss, bc, dl if dl is not None else ss,
@@ -496,7 +526,7 @@ def fused_adamhd_triton_(
             *scalars,
             P_DTYPE=_TL_DTYPE[pd], G_DTYPE=_TL_DTYPE[gd], M_DTYPE=_TL_DTYPE[md], V_DTYPE=_TL_DTYPE[vd],
             DECAY=decay_code, HAS_SCALE=grad_scale is not None, HAS_NONFINITE=nonfinite is not None,
-            HAS_SUMS=sums is not None, ALIGN=align_mode, BLOCK=BLOCK, K=K, num_warps=NUM_WARPS,
+            HAS_SUMS=sums is not None, AMSGRAD=vms is not None, ALIGN=align_mode, BLOCK=BLOCK, K=K, num_warps=NUM_WARPS,
             enable_fp_fusion=False,  # no FMA contraction: the IEEE ops as written (bit-equal to the interpreter)
         )
         if sums is not None and sums is not abs_sums:
