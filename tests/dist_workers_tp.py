@@ -172,9 +172,15 @@ def full(p) -> torch.Tensor:
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
+PATHS = {"adamhd": {}, "adamhd_foreach": {"foreach": True}, "adamhd_loop": {"foreach": False, "fused": False}}
+"""AdamHD's update paths: the default (the fused kernel on the CPU), the multi-tensor one and the per-tensor loop."""
+
+
 def _optimizer(model, which: str):
     groups = param_groups(model, WD, decay=DECAY if any("norm" in n for n, _ in model.named_parameters()) else ())
-    return AdamHD(groups, **HP) if which == "adamhd" else torch.optim.AdamW(groups, **HP, weight_decay=WD)
+    if which in PATHS:
+        return AdamHD(groups, **HP, **PATHS[which])
+    return torch.optim.AdamW(groups, **HP, weight_decay=WD)
 
 
 def _dp_slice(x, dp_mesh):
@@ -223,7 +229,7 @@ def run(kind: str, which: str, tp_mesh, dp_mesh=None, *, naive=False):
     opt, ref_opt = _optimizer(model, which), _optimizer(ref_model, which)
     if naive:
         opt.set_layer_stats(PerShard())
-    deltas, ref_deltas, comms, stat_calls = [], [], [], []
+    deltas, ref_deltas, comms, stat_calls, partial = [], [], [], [], []
     for x, y in data(kind):
         loss_fn(kind, ref_model(x), y).backward()
         ref_opt.step()
@@ -233,19 +239,21 @@ def run(kind: str, which: str, tp_mesh, dp_mesh=None, *, naive=False):
             xs = xs.chunk(tp_mesh.size(), dim=1)[tp_mesh.get_local_rank()]
         with loss_parallel() if kind == "block_lp" else contextlib.nullcontext():
             loss_fn(kind, model(xs), ys).backward()
+        partial.append(sum(isinstance(q.grad, DTensor) and any(pl.is_partial() for pl in q.grad.placements)
+                           for q in model.parameters()))
         with CommDebugMode() as comm, count_statistic_collectives() as calls:
             opt.step()
         comms.append(comm.get_total_counts())
         stat_calls.append(len(calls))
         opt.zero_grad(set_to_none=True)
-        if which == "adamhd":
+        if which in PATHS:
             deltas.append(layer_deltas(opt))
             ref_deltas.append(layer_deltas(ref_opt))
     ref = dict(ref_model.named_parameters())
     scale = max(p.abs().max().item() for p in ref.values())
     param_err = max((full(p) - ref[n].detach()).abs().max().item() for n, p in model.named_parameters()) / scale
-    out = dict(param_err=param_err, comms=comms, stat_calls=stat_calls)
-    if which == "adamhd":
+    out = dict(param_err=param_err, comms=comms, stat_calls=stat_calls, partial_grads=partial)
+    if which in PATHS:
         assert set(deltas[-1]) == set(ref_deltas[-1]), (sorted(deltas[-1]), sorted(ref_deltas[-1]))
         out["delta_err"] = max(abs(d[n] - r[n]) / abs(r[n]) for d, r in zip(deltas, ref_deltas) for n in r)
         out["n_deltas"] = len(ref_deltas[-1])
@@ -286,6 +294,8 @@ def suite4() -> dict:
     for kind in ("mlp", "mlp_sp", "block", "block_lp"):
         for which in ("adamhd", "adamw"):
             out[(kind, which)] = _attempt(run, kind, which, tp1)
+    for which in ("adamhd_foreach", "adamhd_loop"):
+        out[("block", which)] = _attempt(run, "block", which, tp1)
     for which in ("adamhd", "adamw"):
         out[("fsdp_tp", which)] = _attempt(run, "block", which, mesh2["tp"], mesh2["dp"])
     out[("fsdp_tp", "per_shard")] = _attempt(run, "block", "adamhd", mesh2["tp"], mesh2["dp"], naive=True)

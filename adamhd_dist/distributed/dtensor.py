@@ -1,9 +1,13 @@
-"""AdamHD on DTensor parameters (PyTorch FSDP2, HSDP, FSDP + tensor parallel): the exact per-layer statistic.
+"""AdamHD on DTensor parameters (FSDP2, HSDP, tensor and sequence parallel, and their 2-D and 3-D meshes): the
+exact per-layer statistic.
 
 Under ``fully_shard`` every parameter is a DTensor whose local tensor is a slice of the layer. Elementwise math
 works on the local tensors unchanged; the layer statistic ``s = Σ|θ| / numel`` does not, because each rank only
 sees its slice. :class:`DTensorLayerStats` is the optimizer's layer-statistic strategy for them:
 
+- ``grad(p)``: ``p.grad`` redistributed to ``p``'s placements when it has others (tensor parallelism gives a
+  sequence-parallel norm's weight a ``Partial`` gradient and a vocabulary-parallel embedding a ``Replicate`` one),
+  as torch's optimizers get it from DTensor's ops, so every TP copy of a replicated parameter stays identical;
 - ``local(t)``: ``t.to_local()`` for a DTensor (the shard the update writes), ``t`` otherwise;
 - ``layer_numel(p)``: the numel of the whole layer (``DTensor.numel()`` is the global one);
 - ``reduce(sums, params)``: the local partial sums ``Σ|θ_local|`` of all layers, stacked, summed over the
@@ -12,9 +16,10 @@ sees its slice. :class:`DTensorLayerStats` is the optimizer's layer-statistic st
 The optimizer sets it up by itself when a DTensor parameter appears: given to it, or swapped into its param groups
 in place by an engine (Accelerate's FSDP2 ``prepare``).
 
-Which ranks are summed: the union ``S`` of the mesh dimensions on which some parameter has a ``Shard``
-placement (``Shard``, or the ``_StridedShard`` FSDP2 over TP gives). FSDP2 gives ``S = {shard}``; HSDP's 2-D (replicate, shard) mesh also gives ``S = {shard}``, so the
-replicate dimension, whose ranks hold copies, is never summed. With several sharded dimensions (FSDP + tensor
+Which ranks are summed: the union ``S`` of the mesh dimensions on which some parameter is split (``Shard``, or
+the ``_StridedShard`` FSDP2 over TP gives its "dp" dimension: :func:`is_sharded`). FSDP2 gives ``S = {shard}``;
+HSDP's 2-D (replicate, shard) mesh also gives ``S = {shard}``, so the replicate dimension, whose ranks hold
+copies, is never summed; FSDP2 over TP gives ``S = {dp, tp}``. With several sharded dimensions (FSDP + tensor
 parallel) the collective runs over the flattened sub-mesh of ``S`` (the mesh needs ``mesh_dim_names``); a layer
 that is replicated along a dimension of ``S`` is counted once, from the rank at coordinate 0 of that dimension.
 A plain tensor in the same optimizer keeps local semantics: its sum is not reduced.
@@ -83,6 +88,22 @@ class DTensorLayerStats(LayerStats):
         self.plan()
 
     # -- geometry ---------------------------------------------------------------------------------------------
+    def grad(self, p: Tensor) -> Tensor:
+        """``p.grad`` with ``p``'s placements: a gradient laid out otherwise is redistributed first, as torch's
+        optimizers get it from DTensor's own ops. Tensor parallelism makes such gradients: a sequence-parallel
+        norm's replicated weight gets a ``Partial`` gradient (each rank's part of the sequence), a
+        vocabulary-parallel embedding's ``Shard(0)`` weight a ``Replicate`` one. Their local parts are not the
+        parameter's local gradient, so they must not reach the elementwise update as they are."""
+        g = p.grad
+        if isinstance(p, DTensor):
+            if not isinstance(g, DTensor):
+                raise ValueError(f"a DTensor parameter of shape {tuple(p.shape)} ({p.placements}) has a plain "
+                                 f"{type(g).__name__} gradient of shape {tuple(g.shape)}; AdamHD needs a DTensor "
+                                 f"gradient on the parameter's mesh")
+            if g.placements != p.placements or g.device_mesh != p.device_mesh:
+                g = g.redistribute(p.device_mesh, p.placements)
+        return g
+
     def local(self, t: Tensor) -> Tensor:
         """The local shard of a DTensor (what the update writes), or the tensor itself. The optimizer calls it
         under ``no_grad``, where ``to_local()`` is the shard itself (not an autograd view)."""

@@ -314,7 +314,7 @@ class LayerStats:
         states: ``(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, steps, deltas or None, owners)``.
         Here the local tensors (as their real view when complex) with one δ each; ``owners`` is passed back to
         :meth:`record`."""
-        params, grads = list(ps), [p.grad for p in ps]
+        params, grads = list(ps), [self.grad(p) for p in ps]
         m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         vmax = [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None
         if type(self).local is not LayerStats.local:  # e.g. DTensor shards
@@ -353,6 +353,10 @@ class LayerStats:
         return []
 
     # -- geometry ----------------------------------------------------------------------------------------------
+    def grad(self, p: Tensor) -> Tensor:
+        """The gradient the update uses for ``p``, laid out as ``p`` is (here ``p.grad`` itself)."""
+        return p.grad
+
     def local(self, t: Tensor) -> Tensor:
         """The tensor the update writes for ``t`` (a param, its gradient or a state tensor)."""
         return t
