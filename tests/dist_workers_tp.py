@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
@@ -299,7 +299,20 @@ def suite4() -> dict:
     for which in ("adamhd", "adamw"):
         out[("fsdp_tp", which)] = _attempt(run, "block", which, mesh2["tp"], mesh2["dp"])
     out[("fsdp_tp", "per_shard")] = _attempt(run, "block", "adamhd", mesh2["tp"], mesh2["dp"], naive=True)
+    out[("partial_param", "adamhd")] = _attempt(partial_parameter, tp1)
     return _public(out)
+
+
+def partial_parameter(mesh) -> dict:
+    """A parameter with a ``Partial`` placement has no layer to take the statistic of: refused when the optimizer
+    is built, before any parameter moves."""
+    p = nn.Parameter(DTensor.from_local(torch.ones(3, 4), mesh, [Partial()]))
+    before = p.to_local().clone()
+    try:
+        AdamHD([{"params": [p], "weight_decay": WD}], **HP)
+    except ValueError as e:
+        return dict(refused=str(e), unchanged=bool(torch.equal(p.to_local(), before)))
+    return dict(refused=None)
 
 
 def suite8() -> dict:

@@ -64,6 +64,11 @@ def test_hsdp_over_tensor_parallel_equals_one_process(world8):
     _assert_exact(world8, "hsdp_tp")
 
 
+def test_a_partial_parameter_is_refused_before_anything_moves(world4):
+    res = world4[0][("partial_param", "adamhd")]
+    assert res["refused"] and "Partial" in res["refused"] and res["unchanged"], res
+
+
 def test_a_per_shard_statistic_is_visibly_wrong(world4):
     """The negative control: each rank's shard taken as the layer gives δ several percent off on this model,
     far outside the tolerance the real strategy meets."""

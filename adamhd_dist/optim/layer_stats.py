@@ -67,6 +67,13 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _refuse_fsdp1(p: Tensor, error: type[Exception]) -> None:
+    """Raise ``error`` with :data:`FSDP1_MESSAGE` for a view into an FSDP1 flat parameter (the one engine mark the
+    default strategy reads)."""
+    if getattr(p, "_fsdp_flattened", False):
+        raise error(f"params: {FSDP1_MESSAGE}")
+
+
 def _unplaced(optimizer, group, p: Tensor, why: str) -> UnplacedTensorError:
     gi = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
     return UnplacedTensorError(
@@ -146,8 +153,7 @@ class LayerStats:
         """A param group the optimizer was given (constructor, ``add_param_group``): refuse FSDP1's flat-parameter
         views (raise before anything is recorded) and remember its tensors as given."""
         for p in group["params"]:
-            if getattr(p, "_fsdp_flattened", False):
-                raise ValueError(f"params: {FSDP1_MESSAGE}")
+            _refuse_fsdp1(p, ValueError)
         for p in group["params"]:
             self._remember_given(p)
         ps = group["params"]
@@ -194,8 +200,7 @@ class LayerStats:
                 continue
             shapes = None
             for p in ps:
-                if getattr(p, "_fsdp_flattened", False):  # FSDP1 (use_orig_params): the given param now a shard
-                    raise UnplacedTensorError(f"params: {FSDP1_MESSAGE}")
+                _refuse_fsdp1(p, UnplacedTensorError)  # FSDP1 (use_orig_params): the given param now a shard
                 if stats.places(p):
                     continue
                 if stats.flat and setting is not None:
