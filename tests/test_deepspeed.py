@@ -42,6 +42,9 @@ ATTACH_CASES = [
     ("attach_zero3", 3, {"door": "attach"}),
     ("attach_zero2_offload", 2, {"door": "attach", "offload": True}),
 ]
+# amsgrad: the running maximum of v kept in the flat partitions like the moments
+AMSGRAD = {"optimizer": {"type": "AdamHD", "params": {**W.OPT, "amsgrad": True}}}
+AMSGRAD_CASES = [("zero2_amsgrad", 2, AMSGRAD), ("zero3_amsgrad", 3, AMSGRAD)]
 # ... and without attach: the first step must refuse
 PLAIN_CASES = [("plain_zero2", 2, {"door": "plain"}), ("plain_zero3", 3, {"door": "plain"})]
 SAVES = [("ck_zero1", 1, {}), ("ck_zero2", 2, {}), ("ck_zero3", 3, {}), ("ck_zero3_offload", 3, {"offload": True})]
@@ -63,7 +66,7 @@ def ref():
 def world2(tmp_path_factory):
     ck = str(tmp_path_factory.mktemp("ds_ckpt"))
     out = run_ranks("dist_workers_deepspeed:suite", 2, timeout=900, kwargs=dict(
-        world=2, fp32=STAGE_CASES + ATTACH_CASES + PLAIN_CASES + [("zero2_naive", 2, {"naive": True})],
+        world=2, fp32=STAGE_CASES + ATTACH_CASES + PLAIN_CASES + AMSGRAD_CASES + [("zero2_naive", 2, {"naive": True})],
         ckpt_dir=ck, save=SAVES,
         same_world=[label for label, _, _ in SAVES], lowp=LOWP,
         overflow=[("fp16_zero2", 2, {}), ("fp16_zero3", 3, {})], reload=[("reload_zero2", 2, {})]))
@@ -99,6 +102,16 @@ def assert_matches_reference(res, ref, label):
             assert diff <= TOL * scale, f"{label}: {key} of {name} differs by {diff:.3g} (scale {scale:.3g})"
         if "delta_ema" in st:
             assert abs(float(res["state"][name]["delta_ema"]) - float(st["delta_ema"])) <= TOL * float(st["delta_ema"])
+
+
+@pytest.mark.parametrize("label", [c[0] for c in AMSGRAD_CASES])
+def test_amsgrad_under_zero_equals_single_process(label, world2, ref):
+    """amsgrad=True on ZeRO-2 and ZeRO-3 partitions equals single-process AdamHD with amsgrad, which differs from
+    the run without it (so the running maximum is really used)."""
+    res = world2[0][0]["fp32"][label]
+    ref_amsgrad = W.reference(amsgrad=True)
+    assert_matches_reference(res, ref_amsgrad, f"{label} at world size 2")
+    assert rel_param_err(ref_amsgrad["params"], ref["params"]) > 100 * TOL
 
 
 @pytest.mark.parametrize("label", [c[0] for c in ATTACH_CASES])

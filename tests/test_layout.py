@@ -68,9 +68,11 @@ def set_flat_grads(parts, g):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("mode", ["ema", "mean_abs", "constant"])
+@pytest.mark.parametrize("mode", ["ema", "mean_abs", "constant", "ema-amsgrad"])
 def test_flat_layout_equals_separate_layers(path, mode):
-    extra = {"delta_mode": mode, **({"delta": 0.3} if mode == "constant" else {})}
+    amsgrad = mode.endswith("-amsgrad")
+    mode = mode.removesuffix("-amsgrad")
+    extra = {"delta_mode": mode, "amsgrad": amsgrad, **({"delta": 0.3} if mode == "constant" else {})}
     full = reference_params()
     ref_params = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
     ref = adamhd_dist.AdamHD([{"params": list(ref_params.values()), "param_names": list(SHAPES)}], **HP, **extra,

@@ -336,13 +336,6 @@ class FlatLayerStats(LayerStats):
     def places(self, p: Tensor) -> bool:
         return p in self.layout
 
-    def check_group(self, group: dict) -> None:
-        from ..optim.stats import delta_setting
-
-        if group["amsgrad"] and delta_setting(group) is not None:
-            raise ValueError("amsgrad=True is not supported for a decayed param group of a flat layout (ZeRO "
-                             "partitions): set amsgrad=False for it")
-
     def undo_point(self):
         table, pending, layer_delta = self.layer_state, self._pending, self._layer_delta
         saved = (table.mu.clone(), table.has_mu.clone(), table.delta.clone())
@@ -408,6 +401,7 @@ class FlatLayerStats(LayerStats):
             return super().units(group, ps, states, steps, None)
         lay = self.layout
         out_p, out_g, out_m, out_v, out_t, out_d, owners = [], [], [], [], [], [], []
+        out_vmax = [] if group["amsgrad"] else None
         for p, st, t in zip(ps, states, steps):
             frags = lay.fragments.get(p)
             if frags is None:
@@ -417,12 +411,14 @@ class FlatLayerStats(LayerStats):
             out_g += lay.fragment_views(p, p.grad)
             out_m += lay.persistent_views(p, st["exp_avg"], "exp_avg")
             out_v += lay.persistent_views(p, st["exp_avg_sq"], "exp_avg_sq")
+            if out_vmax is not None:
+                out_vmax += lay.persistent_views(p, st["max_exp_avg_sq"], "max_exp_avg_sq")
             out_t += [t] * len(frags)
             out_d.append(delta[lay.fragment_layers(p)])
             owners.append((p, len(frags)))
         device = out_p[0].device if out_p else ps[0].device
         ds = torch.cat(out_d).to(device) if out_d else torch.zeros(0, device=device)
-        return out_p, out_g, out_m, out_v, None, out_t, ds, owners
+        return out_p, out_g, out_m, out_v, out_vmax, out_t, ds, owners
 
     def record(self, owners, sums: Tensor) -> None:
         if owners and isinstance(owners[0], tuple):
