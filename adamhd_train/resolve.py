@@ -22,6 +22,9 @@ is made.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -204,11 +207,24 @@ def resolve_model(r: _Resolution) -> tuple[dict[str, Any], ModelSpec]:
             "seed": r.given.get("seed", 0)}, spec
 
 
+def _has_text(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether a file holds any non-whitespace byte (read until the first one)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
 def check_data_source(data: str) -> None:
     """A ``--data`` value that names a local path must exist (hub names and 'embedded' are checked when loaded)."""
     if data == EMBEDDED or data.startswith("hf:"):
         return
     path = Path(data).expanduser()
+    if path.is_file() and not _has_text(path):
+        raise SettingsError(f"--data {data!r} is empty or holds only whitespace ({path.stat().st_size:,} bytes): "
+                            f"give a .txt or .jsonl file with text, a folder of them, 'embedded', or a hub dataset "
+                            f"name")
     if path.exists():
         return
     if looks_like_path(data):
@@ -428,11 +444,9 @@ def finish_run(s: TrainSettings, ctx: LaunchContext, ds_source: Optional[dict], 
         raise SettingsError(f"batch: {e}{hint}") from None
     if s.exit_after_steps is not None and s.exit_after_steps > s.max_steps:
         notes.append(f"--exit-after-steps {s.exit_after_steps} is beyond --max-steps {s.max_steps}")
-    out = Path(s.out_dir)
-    if out.exists() and not out.is_dir():
-        raise SettingsError(f"--out-dir {s.out_dir!r} exists and is not a folder")
-    if s.data_cache is not None and Path(s.data_cache).exists() and not Path(s.data_cache).is_dir():
-        raise SettingsError(f"--data-cache {s.data_cache!r} exists and is not a folder")
+    check_writable_folder("out-dir", s.out_dir)
+    if s.data_cache is not None:
+        check_writable_folder("data-cache", s.data_cache)
     check_data_source(s.data)
 
     if s.launch == "deepspeed":
@@ -481,6 +495,28 @@ def deepspeed_run_config(s: TrainSettings, ctx: LaunchContext, ds_source: Option
     derived["zero_stage"] = z.get("stage", 0) if isinstance(z, dict) else 0
     derived["optimizer_type"] = ds_config["optimizer"]["type"]
     return ds_config, kw
+
+
+def check_writable_folder(option: str, folder: str) -> None:
+    """Refuse, before any data or process group is set up, a folder the run could not write: one that is a file,
+    that lies under a file, or whose nearest existing folder refuses a new entry (a read-only filesystem, no
+    permission). Probed by creating and removing an empty folder there, which is what the run will do."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"--{option} {folder!r} exists and is not a folder")
+    base = path
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise SettingsError(f"--{option} {folder!r} lies under {str(base)!r}, which is a file, not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=".adamhd-write-probe-", dir=base)
+        os.rmdir(probe)
+    except OSError as e:
+        reason = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left"}.get(e.errno, e.strerror)
+        raise SettingsError(f"--{option} {folder!r} cannot be written: creating an entry in {str(base)!r} failed "
+                            f"({reason}); choose a writable folder") from None
 
 
 def check_resume(run: ResolvedRun) -> Optional[tuple[int, Path]]:

@@ -229,6 +229,8 @@ def _main(argv, capsys):
     (ZERO2 + ["--micro-batch", "3"], "micro_batch (3) must divide the 8 sequences per rank"),
     (["--deepspeed", "ds_configs/no_such.json"], "DeepSpeed config file not found: 'ds_configs/no_such.json'"),
     (ZERO2 + ["--data", "./no/such/corpus.jsonl"], "--data './no/such/corpus.jsonl': no such file or folder"),
+    (ZERO2 + ["--data", "EMPTY"], "is empty or holds only whitespace (0 bytes)"),
+    (ZERO2 + ["--data", "BLANK"], "is empty or holds only whitespace (5 bytes)"),
     (ZERO2 + ["--dtype", "fp16"], "--dtype fp16, but this machine has no GPU"),
     (["--fsdp", "--dtype", "fp16"], "--dtype fp16, but this machine has no GPU"),
     (ZERO2 + ["--fsdp"], "--deepspeed and --fsdp are two engines"),
@@ -238,9 +240,32 @@ def _main(argv, capsys):
 ])
 def test_bad_input_fails_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\t\n ")
+    args = [{"EMPTY": tmp_path / "empty.txt", "BLANK": tmp_path / "blank.txt"}.get(a, a) for a in args]
     rc, err = _main(args + ["--out-dir", tmp_path / "run"], capsys)
     assert rc == 2 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A path under a file, and a folder whose filesystem refuses writes (read-only: the probe is made to fail as
+    a read-only mount fails it), are refused with exit status 2 before data or ranks are set up."""
+    monkeypatch.chdir(ROOT)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    rc, err = _main(ZERO2 + ["--out-dir", blocker / "run"], capsys)
+    assert rc == 2 and "lies under" in err and "which is a file" in err, err
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    rc, err = _main(ZERO2 + ["--out-dir", tmp_path / "ro" / "run"], capsys)
+    assert rc == 2 and "cannot be written" in err and "read-only" in err, err
+    assert not (tmp_path / "ro").exists()  # refused while resolving the options: nothing made
 
 
 def test_invalid_and_fp16_configs(tmp_path, capsys, monkeypatch):
