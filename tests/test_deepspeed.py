@@ -47,7 +47,8 @@ AMSGRAD = {"optimizer": {"type": "AdamHD", "params": {**W.OPT, "amsgrad": True}}
 AMSGRAD_CASES = [("zero2_amsgrad", 2, AMSGRAD), ("zero3_amsgrad", 3, AMSGRAD)]
 # ... and without attach: the first step must refuse
 PLAIN_CASES = [("plain_zero2", 2, {"door": "plain"}), ("plain_zero3", 3, {"door": "plain"})]
-SAVES = [("ck_zero1", 1, {}), ("ck_zero2", 2, {}), ("ck_zero3", 3, {}), ("ck_zero3_offload", 3, {"offload": True})]
+SAVES = [("ck_zero1", 1, {}), ("ck_zero2", 2, {}), ("ck_zero3", 3, {}), ("ck_zero3_offload", 3, {"offload": True}),
+         ("ck_zero2_amsgrad", 2, {"optimizer": {"type": "AdamHD", "params": {**W.OPT, "amsgrad": True}}})]
 BF16 = {"dtype": "bf16"}
 LOWP = [
     ("bf16_optimizer_zero1", 1, {**BF16, "data_types": {"grad_accum_dtype": "fp32"}}),
@@ -222,7 +223,8 @@ def test_statistic_per_flat_partition_is_wrong(world2, ref):
 def test_resume_same_world_size_is_bitwise(label, world2):
     results, _ = world2
     uninterrupted = results[0]["fp32"][{"ck_zero1": "zero1", "ck_zero2": "zero2", "ck_zero3": "zero3",
-                                        "ck_zero3_offload": "zero3_offload"}[label]]
+                                        "ck_zero3_offload": "zero3_offload",
+                                        "ck_zero2_amsgrad": "zero2_amsgrad"}[label]]
     resumed = results[0]["resume"][label]
     for name, p in uninterrupted["params"].items():
         assert torch.equal(resumed["params"][name], p), name
@@ -240,15 +242,17 @@ def test_checkpoint_from_world_2_resumes_at_world_3(label, world2, world3, ref):
         assert set(loaded) == set(saved)
         for name, st in saved.items():
             assert set(loaded[name]) == set(st), name
-            for key, v in st.items():  # param, exp_avg, exp_avg_sq and μ of every layer, exactly
+            for key, v in st.items():  # param, exp_avg, exp_avg_sq (max_exp_avg_sq) and μ of every layer, exactly
                 assert torch.equal(loaded[name][key], v), (label, name, key)
+            assert ("max_exp_avg_sq" in st) == label.endswith("amsgrad"), (label, name)
         # module buffers too (the model counts the tokens it has seen: 5 steps x 12 rows x 5 tokens on 2 ranks)
         saved_buffers = world2[0][0]["save"][label]["buffers"]
         assert int(saved_buffers["tokens_seen"]) > 0
         assert {n: int(b) for n, b in r["resume"][label]["loaded_buffers"].items()} == \
             {n: int(b) for n, b in saved_buffers.items()}, label
     # and training goes on as if never interrupted (frozen layer included)
-    assert rel_param_err(world3[0]["resume"][label]["params"], ref["params"]) <= TOL
+    want = W.reference(amsgrad=True) if label.endswith("amsgrad") else ref
+    assert rel_param_err(world3[0]["resume"][label]["params"], want["params"]) <= TOL
 
 
 @pytest.mark.parametrize("world", [2, 3])

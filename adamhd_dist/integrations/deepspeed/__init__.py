@@ -348,12 +348,16 @@ def _wrap_step(zopt, opt: AdamHD) -> None:
     zopt._adamhd_wrapped = True
 
 
-def full_state(engine, keys: tuple[str, ...] = ("param", "exp_avg", "exp_avg_sq")) -> dict[str, dict[str, Tensor]]:
+def full_state(engine, keys: tuple[str, ...] | None = None) -> dict[str, dict[str, Tensor]]:
     """Whole fp32 tensors of every layer the optimizer updates, by parameter name: ``"param"`` (the fp32 master
-    weights) and optimizer state keys, plus ``"delta_ema"`` (μ) where a layer has one. Collective: every rank of
-    the data-parallel group must call it; the result is complete on every rank.
+    weights) and optimizer state keys (default: ``exp_avg``, ``exp_avg_sq`` and, with amsgrad,
+    ``max_exp_avg_sq``), plus ``"delta_ema"`` (μ) where a layer has one. Collective: every rank of the
+    data-parallel group must call it; the result is complete on every rank.
     Holds one whole copy per key in CPU memory: for analysis and export, not for the training loop."""
     opt = find_adamhd(engine)
+    if keys is None:
+        keys = ("param", "exp_avg", "exp_avg_sq") + (
+            ("max_exp_avg_sq",) if any(g["amsgrad"] for g in opt.param_groups) else ())
     if not opt.layer_stats.flat:  # stage 0: layers are whole on every rank
         out = {}
         for g in opt.param_groups:

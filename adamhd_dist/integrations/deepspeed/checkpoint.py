@@ -26,6 +26,9 @@ from ...fsutil import atomic_write
 from ...optim.optimizer import AdamHD
 from . import _compat
 
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+"""The per-element optimizer state carried through a reshard and the export (amsgrad's running maximum too)."""
+
 __all__ = ["LAYER_STATE_FILE", "wrap_checkpointing", "export_checkpoint", "resolve_tag_dir", "iter_saved_fragments",
            "reshard_optimizer_state", "main"]
 
@@ -136,7 +139,8 @@ def _saved_partitions(sd: dict, path: Path):
 
 
 def iter_saved_fragments(tag_dir: Path):
-    """Yield ``(layer name, offset, {"param", "exp_avg", "exp_avg_sq"}: 1-D fp32 pieces, step)`` for every piece
+    """Yield ``(layer name, offset, {"param", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}: 1-D fp32 pieces, step)``
+    for every piece
     of every layer in a ZeRO checkpoint written through this module, one rank file at a time."""
     for path in _optim_files(tag_dir):
         inner, masters = _saved_partitions(_load_file(path), path)
@@ -146,7 +150,7 @@ def iter_saved_fragments(tag_dir: Path):
             step = st.get("step")
             for name, start, numel, offset in meta["fragments"]:
                 pieces = {"param": master[start:start + numel]}
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in MOMENTS:
                     if key in st:
                         pieces[key] = st[key].reshape(-1)[start:start + numel]
                 yield name, offset, pieces, step
@@ -182,8 +186,10 @@ def reshard_optimizer_state(engine, opt: AdamHD, tag_dir: Path) -> None:
             dst = slice(f.start + a - f.offset, f.start + b - f.offset)
             flat.data.view(-1)[dst] = pieces["param"][src].to(flat.device, flat.dtype)
             st = opt.state[flat]
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in MOMENTS:
                 if key in pieces:
+                    if key not in st:  # amsgrad's running maximum, before the first step made it
+                        st[key] = torch.zeros_like(st["exp_avg_sq"])
                     st[key].view(-1)[dst] = pieces[key][src].to(st[key].device, st[key].dtype)
             filled[flat] += b - a
     for flat, frags in lay.fragments.items():
@@ -270,7 +276,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     parameter name, without starting DeepSpeed or a process group.
 
     Returns (and with ``out``, saves atomically) ``{"model": state_dict of fp32 tensors (trainable params from
-    the fp32 masters, frozen params, buffers, tied aliases), "optimizer": {name: {"exp_avg", "exp_avg_sq",
+    the fp32 masters, frozen params, buffers, tied aliases), "optimizer": {name: {"exp_avg", "exp_avg_sq" (and
+    amsgrad's "max_exp_avg_sq"),
     "step", and "delta_ema" where the layer has μ}}, "global_steps", "zero_stage", "world_size"}``; the model
     part loads into the unwrapped model with ``model.load_state_dict``."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
