@@ -5,14 +5,19 @@
     <run dir>/checkpoints/latest         "step300" (for DeepSpeed's tools and for people)
     <run dir>/checkpoints/.partial-step400/   being written; never read
 
-Every rank writes its part into ``.partial-step<N>``; after a barrier, rank 0 renames the folder to ``step<N>``
-(one ``rename``, after the files reached the disk). A run killed while saving leaves a ``.partial-*`` folder that
+Every rank writes its part into ``.partial-step<N>``; after a barrier, rank 0 records every file's size and
+checksum in ``checksums.json`` (the last write) and renames the folder to ``step<N>`` (one ``rename``, after the
+files reached the disk). A launch that resumes verifies them first (:func:`verify_checkpoint`); a checkpoint that
+fails is set aside as ``.corrupt-step<N>`` (never deleted), and ``--resume auto`` takes the newest one that
+verifies. A checkpoint without ``checksums.json`` (written before checksums were recorded) loads unverified, with
+a note. A run killed while saving leaves a ``.partial-*`` folder that
 is ignored and removed at the next start, and every earlier checkpoint intact. The folder layout assumes that all
 ranks see the same file system (as DeepSpeed's own checkpoints do).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,10 +33,13 @@ from adamhd_dist.fsutil import atomic_write, fsync_tree
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state",
-           "save_rng_state", "load_rng_state"]
+           "save_rng_state", "load_rng_state", "CHECKSUMS", "write_checksums", "checksum_files", "verify_checkpoint", "set_aside",
+           "checkpoint_files"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+_CHUNK = 8 << 20
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -74,13 +82,91 @@ def latest_checkpoint(root: Path | str) -> Optional[tuple[int, Path]]:
     return found[-1] if found else None
 
 
-def commit_checkpoint(root: Path | str, step: int) -> Path:
+def checkpoint_files(folder: Path | str) -> list[str]:
+    """Every file of a checkpoint folder but the checksum record, as sorted paths relative to it."""
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def file_checksum(path: Path | str) -> str:
+    """BLAKE2b (128-bit) of a file's bytes, read in 8 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_files(folder: Path | str, files: list[str]) -> dict[str, dict]:
+    """``{file: {"bytes", "blake2b"}}`` of ``files`` (paths relative to ``folder``): one rank's share."""
+    folder = Path(folder)
+    return {rel: {"bytes": (folder / rel).stat().st_size, "blake2b": file_checksum(folder / rel)} for rel in files}
+
+
+def write_checksums(folder: Path | str, files: Optional[dict[str, dict]] = None) -> dict:
+    """Record the size and checksum of every file of ``folder`` in ``checksums.json`` (its last write); ``files``:
+    the records already computed (by every rank, a share each), else computed here."""
+    folder = Path(folder)
+    if files is None:
+        files = checksum_files(folder, checkpoint_files(folder))
+    missing = sorted(set(checkpoint_files(folder)) - set(files))
+    if missing:
+        raise RuntimeError(f"checkpoint {str(folder)!r}: no checksum for {missing}")
+    record = {"algorithm": "blake2b-128", "files": dict(sorted(files.items()))}
+    write_json_atomic(record, folder / CHECKSUMS)
+    return record
+
+
+def verify_checkpoint(folder: Path | str, files: Optional[list[str]] = None) -> Optional[list[str]]:
+    """The problems of a checkpoint against its ``checksums.json``: one line per file that is missing, has another
+    size or another checksum (``files``: only those, e.g. one rank's share). ``[]``: it verifies. None: it has no
+    checksums (written before they were recorded)."""
+    folder = Path(folder)
+    record_path = folder / CHECKSUMS
+    if not record_path.is_file():
+        return None
+    try:
+        recorded = json.loads(record_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return [f"{record_path}: the checksum record cannot be read ({e})"]
+    problems = []
+    for rel in recorded if files is None else files:
+        want, path = recorded.get(rel), folder / rel
+        if want is None:
+            continue
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            problems.append(f"{path}: {size:,} bytes, {want['bytes']:,} were written (truncated or overwritten)")
+        elif file_checksum(path) != want["blake2b"]:
+            problems.append(f"{path}: its checksum differs from the one recorded when it was written (the bytes "
+                            f"changed on disk)")
+    return problems
+
+
+def set_aside(folder: Path | str) -> Path:
+    """Rename a checkpoint that failed verification to ``.corrupt-<name>`` beside it (kept, never read again)."""
+    folder = Path(folder)
+    target = folder.with_name(f".corrupt-{folder.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f".corrupt-{folder.name}-{n}")
+    os.rename(folder, target)
+    return target
+
+
+def commit_checkpoint(root: Path | str, step: int, checksums: Optional[dict[str, dict]] = None) -> Path:
     """Publish ``.partial-step<N>`` as ``step<N>`` (rank 0, after every rank finished writing) and point
-    ``latest`` at it. A previous ``step<N>`` (a run that resumed from an earlier step) is replaced."""
+    ``latest`` at it, after recording every file's checksum (``checksums``: computed by the ranks, else here). A
+    previous ``step<N>`` (a run that resumed from an earlier step) is replaced."""
     root = Path(root)
     tmp, final = root / partial_tag(step), root / tag_for(step)
     if not (tmp / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"checkpoint {str(tmp)!r} is incomplete: no {TRAINER_STATE}")
+    write_checksums(tmp, checksums)
     fsync_tree(tmp)
     if final.exists():
         old = root / f".replaced-{tag_for(step)}"

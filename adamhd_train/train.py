@@ -213,6 +213,7 @@ class Trainer:
         init_process_group(self.s.launch, ctx, master_port)
         self.device = torch.device("cuda", torch.cuda.current_device()) if ctx.on_gpu else torch.device("cpu")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.resume_from = resume_from = self._verified(resume_from)
         self._build(eval_micro, on_model)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         if resume_from is not None:
@@ -247,6 +248,48 @@ class Trainer:
                                     world_size=self.world, seed=s.seed)
         self.val = ValBatches(self.data, seq_len=s.seq_len, micro_batch=eval_micro, rank=self.rank,
                               world_size=self.world, max_batches=s.eval_batches)
+
+    def _verified(self, resume_from: Optional[tuple[int, Path]]) -> Optional[tuple[int, Path]]:
+        """The checkpoint to resume from, verified against its checksums before the engine reads any of it: every
+        rank checks a share of the files and all see every problem. Under ``--resume auto`` a checkpoint that
+        fails is set aside (renamed, not deleted) with the file and the reason printed, and the next newest is
+        tried; an explicit ``--resume FOLDER`` that fails stops the run (SettingsError)."""
+        while resume_from is not None:
+            step, folder = resume_from
+            files = ck.checkpoint_files(folder) if self.rank == 0 else None
+            shared = [files]
+            dist.broadcast_object_list(shared, src=0)  # one list of files, the same share on every rank
+            mine = shared[0][self.rank::self.world]
+            problems = ck.verify_checkpoint(folder, mine)
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, problems)
+            if all(p is None for p in gathered):
+                if self.ctx.is_main:
+                    print(f"note: checkpoint {folder} has no checksums (written before they were recorded): "
+                          f"loaded unverified", flush=True)
+                return resume_from
+            problems = sorted({line for p in gathered if p for line in p})
+            if not problems:
+                return resume_from
+            text = "\n  ".join(problems)
+            if self.s.resume != "auto":
+                raise SettingsError(f"--resume {folder}: the checkpoint fails verification, nothing was loaded:\n"
+                                    f"  {text}")
+            dist.barrier()
+            if self.ctx.is_main:
+                moved = ck.set_aside(folder)
+                print(f"warning: checkpoint {folder} fails verification and is set aside as {moved}:\n  {text}",
+                      flush=True)
+            dist.barrier()
+            resume_from = ck.latest_checkpoint(self.root)
+            if resume_from is None:
+                raise SettingsError(f"--resume auto: no checkpoint in {self.root} verifies (those that failed are "
+                                    f"kept as .corrupt-*); move them away to start afresh, or give another "
+                                    f"--out-dir")
+            if self.ctx.is_main:
+                print(f"note: resuming from the newest checkpoint that verifies instead: {resume_from[1]}",
+                      flush=True)
+        return None
 
     def _restore(self, folder: Path) -> None:
         """Engine state, data position, step and token counts, training time and (same world size) RNG states."""
@@ -378,8 +421,13 @@ class Trainer:
                                   "zero_stage": self.run.derived.get("zero_stage"), "micro_batch": self.s.micro_batch,
                                   "time": time.time(), "elapsed_s": self.elapsed()}, folder / ck.TRAINER_STATE)
         dist.barrier()
+        # every rank checksums a share of the files; rank 0 records them all as the last write before the rename
+        files = [ck.checkpoint_files(folder) if self.ctx.is_main else None]
+        dist.broadcast_object_list(files, src=0)
+        shares = [None] * self.world
+        dist.all_gather_object(shares, ck.checksum_files(folder, files[0][self.rank::self.world]))
         if self.ctx.is_main:
-            ck.commit_checkpoint(self.root, step)
+            ck.commit_checkpoint(self.root, step, {k: v for share in shares for k, v in share.items()})
             ck.prune_checkpoints(self.root, self.s.keep_checkpoints)
         dist.barrier()
         return self.root / ck.tag_for(step)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -428,6 +429,64 @@ def test_checkpoint_folder_ignores_partial_saves(tmp_path):
     assert (root / "latest").read_text().strip() == "step6"
     assert ck.remove_partials(root) == [root / ck.partial_tag(9)] and not (root / ck.partial_tag(9)).exists()
     assert ck.prune_checkpoints(root, keep=1) == [root / "step3"] and ck.list_checkpoints(root) == [(6, root / "step6")]
+
+
+def test_checksums_find_every_damage_and_old_checkpoints_load_unverified(tmp_path):
+    """The record written at commit finds a garbled byte (same size), a truncated file and a missing one, names
+    each file; a checkpoint without the record is reported as unverified (None); set_aside keeps the folder."""
+    root = tmp_path / "checkpoints"
+    tmp = root / ck.partial_tag(3)
+    (tmp / "sub").mkdir(parents=True)
+    ck.write_json_atomic({"step": 3, "tokens": 0, "sampler": {}}, tmp / ck.TRAINER_STATE)
+    payload = bytes(range(256)) * 64
+    for name in ("optim_states.pt", "model_states.pt", "sub/mu.pt"):
+        (tmp / name).write_bytes(payload)
+    folder = ck.commit_checkpoint(root, 3)
+    assert ck.verify_checkpoint(folder) == []
+    record = json.loads((folder / ck.CHECKSUMS).read_text())
+    assert set(record["files"]) == {ck.TRAINER_STATE, "optim_states.pt", "model_states.pt", "sub/mu.pt"}
+    garbled = bytearray(payload)
+    garbled[1000:1004] = b"\xff\x00\xff\x00"
+    (folder / "optim_states.pt").write_bytes(bytes(garbled))
+    (folder / "model_states.pt").write_bytes(payload[:100])
+    (folder / "sub" / "mu.pt").unlink()
+    problems = ck.verify_checkpoint(folder)
+    assert len(problems) == 3, problems
+    assert any("optim_states.pt" in p and "checksum differs" in p for p in problems)
+    assert any("model_states.pt" in p and "100 bytes, 16,384 were written" in p for p in problems)
+    assert any("mu.pt" in p and "missing" in p for p in problems)
+    assert ck.verify_checkpoint(folder, ["model_states.pt"]) == [p for p in problems if "model_states" in p]
+    (folder / ck.CHECKSUMS).unlink()
+    assert ck.verify_checkpoint(folder) is None
+    moved = ck.set_aside(folder)
+    assert moved.name == ".corrupt-step3" and (moved / "optim_states.pt").is_file()
+    assert ck.list_checkpoints(root) == [] and ck.remove_partials(root) == [] and moved.exists()
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_set_aside_and_the_newest_good_one_resumes(ds_run, tmp_path, data_cache):
+    """4 KiB of random bytes in rank 1's optimizer file of the newest checkpoint (same size): the same checkpoint
+    given explicitly stops the run with exit status 2 before anything is loaded; --resume auto names the file,
+    sets the checkpoint aside (kept) and resumes from the one before, reproducing the uninterrupted run's losses."""
+    ref, _ = ds_run
+    out = tmp_path / "run"
+    args = ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out]
+    lr.run(lr.deepspeed_cmd(args + ["--exit-after-steps", "4"])).check()
+    step4 = out / "checkpoints" / "step4"
+    victim = next(p for p in step4.rglob("*optim_states.pt") if "rank_1" in p.name)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 4096] = os.urandom(4096)
+    victim.write_bytes(bytes(raw))
+    explicit = lr.run(lr.deepspeed_cmd(args + ["--resume", step4]))
+    assert explicit.returncode == 2, explicit.output[-3000:]
+    assert "fails verification, nothing was loaded" in explicit.output and victim.name in explicit.output
+    assert step4.is_dir()  # an explicit folder is never moved
+    auto = lr.run(lr.deepspeed_cmd(args)).check()
+    assert "is set aside as" in auto.output and victim.name in auto.output and "checksum differs" in auto.output
+    assert (out / "checkpoints" / ".corrupt-step4" / victim.relative_to(step4)).is_file()  # kept, not deleted
+    assert "resuming from" in auto.output and "step 3" in auto.output
+    assert lr.exact(lr.metrics(out)) == lr.exact(lr.metrics(ref))  # steps 4-6 retrained exactly as uninterrupted
+    assert [s for s, _ in ck.list_checkpoints(out / "checkpoints")] == [3, 6]
 
 
 def test_damaged_run_files_give_messages(tmp_path):
