@@ -29,17 +29,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from adamhd_dist.fsutil import atomic_write, fsync_tree
+from adamhd_dist.fsutil import (CHECKSUMS, atomic_write, checksum_files, checkpoint_files, file_checksum, fsync_tree,
+                                verify_checksums, write_checksums)
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state",
            "save_rng_state", "load_rng_state", "CHECKSUMS", "write_checksums", "checksum_files", "verify_checkpoint", "set_aside",
-           "checkpoint_files"]
+           "checkpoint_files", "file_checksum", "folder_bytes", "free_bytes"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
-CHECKSUMS = "checksums.json"
-_CHUNK = 8 << 20
 _TAG = re.compile(r"^step(\d+)$")
 
 
@@ -82,68 +81,9 @@ def latest_checkpoint(root: Path | str) -> Optional[tuple[int, Path]]:
     return found[-1] if found else None
 
 
-def checkpoint_files(folder: Path | str) -> list[str]:
-    """Every file of a checkpoint folder but the checksum record, as sorted paths relative to it."""
-    folder = Path(folder)
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
-def file_checksum(path: Path | str) -> str:
-    """BLAKE2b (128-bit) of a file's bytes, read in 8 MiB blocks."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checksum_files(folder: Path | str, files: list[str]) -> dict[str, dict]:
-    """``{file: {"bytes", "blake2b"}}`` of ``files`` (paths relative to ``folder``): one rank's share."""
-    folder = Path(folder)
-    return {rel: {"bytes": (folder / rel).stat().st_size, "blake2b": file_checksum(folder / rel)} for rel in files}
-
-
-def write_checksums(folder: Path | str, files: Optional[dict[str, dict]] = None) -> dict:
-    """Record the size and checksum of every file of ``folder`` in ``checksums.json`` (its last write); ``files``:
-    the records already computed (by every rank, a share each), else computed here."""
-    folder = Path(folder)
-    if files is None:
-        files = checksum_files(folder, checkpoint_files(folder))
-    missing = sorted(set(checkpoint_files(folder)) - set(files))
-    if missing:
-        raise RuntimeError(f"checkpoint {str(folder)!r}: no checksum for {missing}")
-    record = {"algorithm": "blake2b-128", "files": dict(sorted(files.items()))}
-    write_json_atomic(record, folder / CHECKSUMS)
-    return record
-
-
 def verify_checkpoint(folder: Path | str, files: Optional[list[str]] = None) -> Optional[list[str]]:
-    """The problems of a checkpoint against its ``checksums.json``: one line per file that is missing, has another
-    size or another checksum (``files``: only those, e.g. one rank's share). ``[]``: it verifies. None: it has no
-    checksums (written before they were recorded)."""
-    folder = Path(folder)
-    record_path = folder / CHECKSUMS
-    if not record_path.is_file():
-        return None
-    try:
-        recorded = json.loads(record_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        return [f"{record_path}: the checksum record cannot be read ({e})"]
-    problems = []
-    for rel in recorded if files is None else files:
-        want, path = recorded.get(rel), folder / rel
-        if want is None:
-            continue
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            problems.append(f"{path}: {size:,} bytes, {want['bytes']:,} were written (truncated or overwritten)")
-        elif file_checksum(path) != want["blake2b"]:
-            problems.append(f"{path}: its checksum differs from the one recorded when it was written (the bytes "
-                            f"changed on disk)")
-    return problems
+    """A checkpoint's problems against its checksums (:func:`adamhd_dist.fsutil.verify_checksums`)."""
+    return verify_checksums(folder, files)
 
 
 def set_aside(folder: Path | str) -> Path:
@@ -180,12 +120,37 @@ def commit_checkpoint(root: Path | str, step: int, checksums: Optional[dict[str,
     return final
 
 
+def folder_bytes(folder: Path | str) -> int:
+    """The bytes of every file under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def free_bytes(path: Path | str) -> int:
+    """Free bytes (for this user) of the file system holding ``path`` or its nearest existing parent."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _finite(folder: Path) -> bool:
+    try:
+        return json.loads((folder / TRAINER_STATE).read_text()).get("params_finite") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def prune_checkpoints(root: Path | str, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints (``keep <= 0`` keeps all); the deleted folders."""
+    """Delete all but the ``keep`` newest complete checkpoints (``keep <= 0`` keeps all); the deleted folders.
+    The newest checkpoint whose weights were checked finite when it was saved is never deleted, even when
+    ``keep`` newer ones exist that were not checked."""
     if keep <= 0:
         return []
     found = list_checkpoints(root)
     gone = [p for _, p in found[:-keep]]
+    if not any(_finite(p) for _, p in found[-keep:]):
+        good = next((p for _, p in reversed(found[:-keep]) if _finite(p)), None)
+        gone = [p for p in gone if p != good]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

@@ -109,6 +109,11 @@ def describe_start(run: ResolvedRun, ctx: LaunchContext, data, model, groups, re
     return "\n".join(lines)
 
 
+def _steps(steps: list[int]) -> str:
+    shown = ", ".join(map(str, steps[:8]))
+    return shown + (f", ... {steps[-1]}" if len(steps) > 8 else "")
+
+
 def describe_end(out: Path, records: list[dict], deltas: dict, png: Optional[Path]) -> str:
     """The run's outcome from its ``metrics.jsonl`` records and the final per-layer δ, printed by rank 0."""
     lines = []
@@ -120,6 +125,12 @@ def describe_end(out: Path, records: list[dict], deltas: dict, png: Optional[Pat
             summary += (f"; validation loss {vals[0]['val_loss']:.3f} -> {vals[-1]['val_loss']:.3f} "
                         f"(perplexity {vals[-1]['val_ppl']:.1f})")
         lines.append(summary)
+    bad = [r["step"] for r in records if r.get("loss") is None and "step" in r]
+    if bad:
+        lines.append(f"non-finite training loss at {len(bad)} logged step(s): {_steps(bad)}")
+    skipped = [r["step"] for r in records if r.get("skipped_step")]
+    if skipped:
+        lines.append(f"the engine skipped {len(skipped)} step(s) after gradient overflow: {_steps(skipped)}")
     if deltas:
         ds = delta_summary(deltas)
         lines.append(f"per-layer Huber threshold δ over {len(deltas)} layers: min {ds['delta_min']:.4g}, median "

@@ -198,6 +198,23 @@ class _EngineBase:
     def _delta_source(self):
         return self.optimizer if isinstance(self.optimizer, AdamHD) else None
 
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step changed the weights (False: the fp16 loss scaler skipped it)."""
+        return True
+
+    def _local_params(self):
+        return self.model.parameters()
+
+    @torch.no_grad()
+    def local_params_finite(self) -> bool:
+        """Whether every element of the weights this rank holds (its shard, under ZeRO-3 or FSDP2) is finite."""
+        for p in self._local_params():
+            t = getattr(p, "ds_tensor", None)  # ZeRO-3: the rank's partition
+            t = p.to_local() if t is None and hasattr(p, "to_local") else (p if t is None else t)
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                return False
+        return True
+
 
 class DeepSpeedEngine(_EngineBase):
     """A DeepSpeed engine behind the launcher's interface (see the module docstring)."""
@@ -216,6 +233,12 @@ class DeepSpeedEngine(_EngineBase):
 
     def _delta_source(self):
         return self.engine if self._adamhd else None
+
+    def step_applied(self) -> bool:
+        return bool(self.engine.was_step_applied())
+
+    def _local_params(self):
+        return self.engine.module.parameters()
 
     def set_accum_steps(self, n: int) -> None:
         if n != self.engine.gradient_accumulation_steps():

@@ -99,3 +99,47 @@ def init_process_group(launch: str, ctx: LaunchContext, master_port: Optional[in
     if dist.get_world_size() != ctx.world_size:
         raise RuntimeError(f"the process group has {dist.get_world_size()} ranks, the launcher announced "
                            f"{ctx.world_size}")
+
+
+def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+    """``(state, parent pid)`` of a process from /proc (Linux), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return rest[0], int(rest[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def launcher_pids(ctx: LaunchContext) -> list[int]:
+    """The processes that started this rank and whose end means the job was stopped: the parent (the deepspeed
+    launcher's per-node ``launch``, torchrun's agent, mpirun's daemon) and, under the ``deepspeed`` command, the
+    command itself (on one node it starts ``launch`` and does not pass a SIGTERM on: killed alone, it leaves the
+    ranks running). Empty for a single process, whose parent is a shell."""
+    if ctx.launcher == "single process":
+        return []
+    pids = [os.getppid()]
+    stat = _proc_stat(pids[0])
+    if ctx.launcher == "deepspeed" and stat is not None and stat[1] > 1 and "deepspeed" in _cmdline(stat[1]):
+        pids.append(stat[1])
+    return pids
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] in ("Z", "X")

@@ -22,8 +22,10 @@ import logging
 import math
 import os
 import shutil
+import errno
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,12 +45,19 @@ from .engine import build_engine
 from .manifest import MANIFEST_FILE, build_manifest, read_manifest, record_resume, write_manifest
 from .metrics import MetricsLog, delta_summary, peak_flops, plot_loss_curve, read_metrics
 from .models import build_model, flops_per_token
-from .ranks import LaunchContext, available_cpus, init_process_group
+from .ranks import LaunchContext, available_cpus, init_process_group, launcher_pids, process_gone
 from .recipe import lr_scheduler
 from .resolve import ResolvedRun, check_resume
 from .settings import SettingsError, TrainSettings
 
-__all__ = ["Trainer", "StepResult", "train"]
+__all__ = ["Trainer", "StepResult", "train", "EXIT_NONFINITE", "EXIT_SAVE_FAILED", "MAX_SKIPPED_IN_A_ROW"]
+
+EXIT_NONFINITE = 3
+"""Exit status of a run stopped because its loss or weights stopped being finite (nothing of that state saved)."""
+EXIT_SAVE_FAILED = 4
+"""Exit status of a run stopped because a checkpoint could not be written (no space, I/O error, read-only)."""
+MAX_SKIPPED_IN_A_ROW = 20
+"""fp16 steps the loss scaler may skip in a row (each halves the loss scale) before the run stops as diverged."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,13 +134,19 @@ def _quiet_libraries(launch: str) -> None:
 class _Stop:
     """SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. A signal arriving more than
     ``grace_s`` seconds after the first exits at once; one within it is the same interruption relayed (Ctrl-C
-    reaches every process of the terminal's group, and the deepspeed launcher then sends SIGTERM to its ranks)."""
+    reaches every process of the terminal's group, and the deepspeed launcher then sends SIGTERM to its ranks).
 
-    def __init__(self, grace_s: float = 5.0):
+    The end of a launcher process (``watch``: its pids) counts as a SIGTERM: a launcher killed alone (``kill PID``
+    of the ``deepspeed`` command) does not pass the signal on, and its ranks would train on unattended."""
+
+    def __init__(self, grace_s: float = 5.0, watch: tuple[int, ...] = (), poll_s: float = 0.5):
         self.signum = 0
+        self.reason = ""
         self.grace_s = grace_s
         self._first = 0.0
         self._old = {}
+        self._watch, self._poll_s = tuple(watch), poll_s
+        self._done = threading.Event()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -139,7 +154,18 @@ class _Stop:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
+        if self._watch:
+            threading.Thread(target=self._watch_launcher, name="adamhd-launcher-watch", daemon=True).start()
         return self
+
+    def _watch_launcher(self):
+        while not self._done.wait(self._poll_s):
+            gone = next((pid for pid in self._watch if process_gone(pid)), None)
+            if gone is not None:
+                if not self.signum:
+                    self.reason = f"the launcher process {gone} ended"
+                    self.signum, self._first = signal.SIGTERM, time.monotonic()
+                return
 
     def _handle(self, signum, frame):
         if self.signum:
@@ -150,6 +176,7 @@ class _Stop:
         self.signum, self._first = signum, time.monotonic()
 
     def __exit__(self, *exc):
+        self._done.set()
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
@@ -181,6 +208,8 @@ class StepResult:
     batch_tokens: int
     signalled: bool
     """Whether any rank got SIGINT/SIGTERM (all ranks then stop after this step)."""
+    applied: bool = True
+    """Whether the step changed the weights (False: the fp16 loss scaler skipped it after an overflow)."""
 
 
 class Trainer:
@@ -368,7 +397,8 @@ class Trainer:
         dist.all_reduce(reduced)
         reduced = reduced.cpu()
         return StepResult(loss=float(reduced[0]) / self.world, lr=lr_used, grad_norm=grad_norm, accum_steps=accum,
-                          batch_tokens=batch_tokens, signalled=int(reduced[1]) > 0)
+                          batch_tokens=batch_tokens, signalled=int(reduced[1]) > 0,
+                          applied=self.engine.step_applied())
 
     def evaluate(self) -> float:
         """Mean validation loss over the validation batches of every rank (collective)."""
@@ -391,6 +421,8 @@ class Trainer:
                   "grad_norm": result.grad_norm, "batch_tokens": result.batch_tokens,
                   "accum_steps": result.accum_steps, "tokens_per_s": tps, "mfu": self.mfu(tps),
                   "elapsed_s": self.elapsed_before + now - self.t_start, **delta_summary(deltas)}
+        if not result.applied:
+            record["skipped_step"] = True
         if evaluate:
             vl = self.evaluate()
             record.update(val_loss=vl, val_ppl=math.exp(min(vl, 80.0)))
@@ -409,28 +441,93 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         """Every rank writes its part into a partial folder; rank 0 commits it as ``step<N>`` after a barrier and
-        prunes old checkpoints (an interrupted save leaves every earlier checkpoint intact)."""
+        prunes old checkpoints (an interrupted save leaves every earlier checkpoint intact).
+
+        Before writing, every rank checks that its file system has room for a checkpoint the size of the newest
+        one (:class:`_SaveFailed` when it has not, on every rank alike). A write that fails on a rank (no space,
+        an I/O error, a read-only or forbidden folder) ends the job from that rank (:meth:`_save_failed`)."""
+        self._check_space(step)
         tmp_tag = ck.partial_tag(step)
         folder = self.root / tmp_tag
-        folder.mkdir(parents=True, exist_ok=True)
-        ck.save_rng_state(folder, self.rank)
-        self.engine.save(self.root, tmp_tag)
-        if self.ctx.is_main:
-            ck.write_json_atomic({"step": step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                                  "world_size": self.world, "launch": self.s.launch,
-                                  "zero_stage": self.run.derived.get("zero_stage"), "micro_batch": self.s.micro_batch,
-                                  "time": time.time(), "elapsed_s": self.elapsed()}, folder / ck.TRAINER_STATE)
-        dist.barrier()
-        # every rank checksums a share of the files; rank 0 records them all as the last write before the rename
-        files = [ck.checkpoint_files(folder) if self.ctx.is_main else None]
-        dist.broadcast_object_list(files, src=0)
-        shares = [None] * self.world
-        dist.all_gather_object(shares, ck.checksum_files(folder, files[0][self.rank::self.world]))
-        if self.ctx.is_main:
-            ck.commit_checkpoint(self.root, step, {k: v for share in shares for k, v in share.items()})
-            ck.prune_checkpoints(self.root, self.s.keep_checkpoints)
-        dist.barrier()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            ck.save_rng_state(folder, self.rank)
+            self.engine.save(self.root, tmp_tag)
+            if self.ctx.is_main:
+                ck.write_json_atomic({"step": step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                                      "world_size": self.world, "launch": self.s.launch,
+                                      "zero_stage": self.run.derived.get("zero_stage"),
+                                      "micro_batch": self.s.micro_batch, "time": time.time(),
+                                      "elapsed_s": self.elapsed(), "params_finite": True}, folder / ck.TRAINER_STATE)
+            dist.barrier()
+            # every rank checksums a share of the files; rank 0 records them all as the last write before the rename
+            files = [ck.checkpoint_files(folder) if self.ctx.is_main else None]
+            dist.broadcast_object_list(files, src=0)
+            shares = [None] * self.world
+            dist.all_gather_object(shares, ck.checksum_files(folder, files[0][self.rank::self.world]))
+            if self.ctx.is_main:
+                ck.commit_checkpoint(self.root, step, {k: v for share in shares for k, v in share.items()})
+                ck.prune_checkpoints(self.root, self.s.keep_checkpoints)
+            dist.barrier()
+        except Exception as e:  # noqa: BLE001 - classified below; anything else is raised again
+            self._save_failed(step, folder, e)
         return self.root / ck.tag_for(step)
+
+    def _needed_bytes(self) -> Optional[int]:
+        newest = ck.latest_checkpoint(self.root)
+        return None if newest is None else ck.folder_bytes(newest[1])
+
+    def _check_space(self, step: int) -> None:
+        """Every rank: stop the run (all ranks alike, before anything is written) when the checkpoint folder's
+        file system has less room than the newest checkpoint took. The first save of a run has no size to go by
+        and is not checked before; a failure while writing it is handled like any other."""
+        needed = self._needed_bytes() if self.ctx.is_main else None
+        shared = [needed]
+        dist.broadcast_object_list(shared, src=0)
+        needed = shared[0]
+        if needed is None:
+            return
+        free = ck.free_bytes(self.root)
+        lowest = torch.tensor([float(free)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if lowest.item() < needed:
+            raise _SaveFailed(f"no room for checkpoint step {step} in {self.root}: it needs about {_bytes(needed)} "
+                              f"(the size of the newest checkpoint), the file system has {_bytes(int(lowest.item()))} "
+                              f"free on the fullest rank. Nothing was written; the checkpoints there are intact.")
+
+    def _save_failed(self, step: int, folder: Path, e: BaseException) -> None:
+        """A save that raised on this rank. A write error (``OSError``, or the ``RuntimeError`` torch's file
+        writer raises for one) is reported with the path, the bytes needed and free, the partial folder removed,
+        and this process ends at once with :data:`EXIT_SAVE_FAILED`: the other ranks may be waiting inside the
+        engine's own collectives, so the launcher ends them (each launcher stops every rank when one fails). A
+        rank that sees a peer fail says so in one line and ends the same way. Anything else is raised again."""
+        reason = _write_error(e, folder)
+        if reason is None:
+            if not _peer_failure(e):
+                raise e
+            print(f"rank {self.rank}: stopping: another rank failed while checkpoint step {step} was written "
+                  f"(its message says why)\n", end="", file=sys.stderr, flush=True)
+        else:
+            needed = self._needed_bytes()
+            print(f"rank {self.rank}: checkpoint step {step} could not be written: {reason}; "
+                  f"{_bytes(ck.free_bytes(self.root))} free in {self.root}"
+                  + (f", about {_bytes(needed)} needed (the newest checkpoint's size)" if needed else "")
+                  + ". The partial folder is removed and the earlier checkpoints are intact; free space (or fix the "
+                    "folder) and continue with --resume auto.\n", end="", file=sys.stderr, flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except OSError:
+                pass
+        sys.stdout.flush()
+        os._exit(EXIT_SAVE_FAILED)
+
+    def all_finite(self) -> bool:
+        """Whether the weights are finite on every rank (collective)."""
+        ok = torch.tensor([float(self.engine.local_params_finite())], dtype=torch.float64, device=self.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
 
     def _progress_bar(self) -> tqdm:
         return tqdm(total=self.s.max_steps, initial=self.start_step, desc=f"{self.s.model} {self.s.launch}",
@@ -440,31 +537,64 @@ class Trainer:
     def _stopped(self, result: StepResult, stopper: _Stop) -> int:
         """The exit status after a stop before ``max_steps``, with what to do next."""
         if result.signalled:
-            self.say(f"interrupted after step {self.step}: checkpoint saved; continue with --resume auto "
+            why = f" ({stopper.reason})" if stopper.reason else ""
+            self.say(f"interrupted after step {self.step}{why}: checkpoint saved; continue with --resume auto "
                      f"(the same command)")
             return 128 + int(stopper.signum or signal.SIGTERM)
         self.say(f"stopped after {self.step - self.start_step} steps of this launch (--exit-after-steps); "
                  f"continue with --resume auto")
         return 0
 
+    def _diverged(self, result: StepResult) -> Optional[str]:
+        """Why the run must stop after this step without saving, or None. In fp16 the loss scaler skips a step
+        whose gradients overflowed (normal while it finds its scale): counted, and the run stops after
+        :data:`MAX_SKIPPED_IN_A_ROW` in a row. In bf16 and fp32 there is no scaler: a non-finite loss stops the run
+        at once, whether or not the engine skipped the step (DeepSpeed ZeRO skips a step with non-finite
+        gradients in every precision). Every rank sees the same all-reduced loss, so all agree."""
+        if not result.applied:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
+        if self.s.dtype == "fp16" and not result.applied:
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                return (f"the fp16 loss scaler skipped the last {self.skipped_in_a_row} steps in a row (gradient "
+                        f"overflow at every loss scale tried): the run has diverged")
+            return None
+        if not math.isfinite(result.loss):
+            return (f"the training loss of step {self.step} is {result.loss}"
+                    + ("" if result.applied else " (the engine skipped the step: its gradients are not finite)"))
+        return None
+
+    def _stop_diverged(self, why: str) -> int:
+        newest = ck.latest_checkpoint(self.root)
+        where = (f"the newest checkpoint, {newest[1]} (step {newest[0]}), holds finite weights"
+                 if newest else "no checkpoint was written before it")
+        self.say(f"stopped after step {self.step}: {why}. Nothing of this state is saved; {where}. Lower --lr or "
+                 f"raise --warmup-tokens (or check the data), then continue with --resume auto.")
+        return EXIT_NONFINITE
+
     def fit(self) -> int:
         """Train to ``max_steps`` (or ``exit_after_steps`` steps of this launch, or a signal), validating, logging
-        and saving at their intervals and at the end; returns the process exit status."""
+        and saving at their intervals and at the end; returns the process exit status. A loss or weights that
+        stop being finite end the run before any checkpoint of that state (:data:`EXIT_NONFINITE`)."""
         s = self.s
         stop_after = None if s.exit_after_steps is None else min(s.max_steps, self.start_step + s.exit_after_steps)
         bar = self._progress_bar()
         self.t_start = time.perf_counter()
         rate, print_rate = _Rate(self.tokens), _Rate(self.tokens)
         exit_code = 0
+        self.skipped = self.skipped_in_a_row = 0
         self.engine.train(True)
-        with _Stop() as stopper:
+        with _Stop(watch=tuple(launcher_pids(self.ctx))) as stopper:
             while self.step < s.max_steps:
                 result = self.train_step(stopper.signum)
                 is_last = self.step == s.max_steps
                 do_eval = self.step % s.eval_interval == 0 or is_last
+                diverged = self._diverged(result)
                 record = None
-                if self.step % s.log_interval == 0 or do_eval:
-                    record = self.log(result, evaluate=do_eval, rate=rate, print_rate=print_rate)
+                if self.step % s.log_interval == 0 or do_eval or diverged or not result.applied:
+                    record = self.log(result, evaluate=do_eval and not diverged, rate=rate, print_rate=print_rate)
                 if self.ctx.is_main:
                     bar.update(1)
                     if record is not None:
@@ -472,9 +602,20 @@ class Trainer:
                         if record["mfu"] is not None:
                             post["mfu"] = f"{100 * record['mfu']:.2f}%"
                         bar.set_postfix(post, refresh=False)
+                if diverged:
+                    exit_code = self._stop_diverged(diverged)
+                    break
                 stopping = result.signalled or (stop_after is not None and self.step >= stop_after and not is_last)
                 if is_last or stopping or self.step % s.save_interval == 0:
-                    folder = self.save(self.step)
+                    if not self.all_finite():
+                        exit_code = self._stop_diverged(f"the weights hold non-finite values after step {self.step}")
+                        break
+                    try:
+                        folder = self.save(self.step)
+                    except _SaveFailed as e:
+                        self.say(f"stopped after step {self.step}: {e} Free space and continue with --resume auto.")
+                        exit_code = EXIT_SAVE_FAILED
+                        break
                     if stopping or is_last:
                         self.say(f"checkpoint: {folder}")
                 if stopping:
@@ -494,6 +635,57 @@ class Trainer:
                   flush=True)
         dist.barrier()
         dist.destroy_process_group()
+
+
+class _SaveFailed(Exception):
+    """A checkpoint that cannot be written, found before anything was (every rank raises it alike)."""
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EIO: "an input/output error", errno.EROFS: "the file system is read-only",
+                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+def _write_error(e: BaseException, folder: Path) -> Optional[str]:
+    """What a failed checkpoint write ran into, or None when ``e`` is not a write error. torch's file writer
+    reports a full disk as a RuntimeError without the errno ("file write failed", "unexpected pos"), so a
+    RuntimeError is classified by probing the folder with a small write."""
+    seen: Optional[BaseException] = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+            where = seen.filename or folder
+            return f"{_WRITE_ERRNOS[seen.errno]} ({where})"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(e, RuntimeError) and not _peer_failure(e):
+        probe_dir = folder if folder.is_dir() else folder.parent
+        try:
+            with open(probe_dir / ".write-probe", "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as probe:
+            if probe.errno in _WRITE_ERRNOS:
+                return f"{_WRITE_ERRNOS[probe.errno]} ({probe_dir}; torch reported: {e})"
+        finally:
+            try:
+                os.unlink(probe_dir / ".write-probe")
+            except OSError:
+                pass
+    return None
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank went away."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(k in text for k in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL"))
 
 
 def _plot_title(s: TrainSettings, ctx: LaunchContext) -> str:

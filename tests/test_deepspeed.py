@@ -23,6 +23,7 @@ from dist_utils import ROOT, TESTS, free_port, kill_group, run_ranks
 
 import adamhd_dist
 from adamhd_dist import deepspeed as ads
+from adamhd_dist.fsutil import write_checksums
 
 TOL = 1e-5
 STAGE_CASES = [
@@ -284,7 +285,7 @@ def test_export_command_writes_full_model_and_optimizer_state(world2, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", os.path.join(ck, "ck_zero2"),
                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 with μ" in proc.stdout
+    assert "3 with μ" in proc.stdout and "not verified (the checkpoint has no checksums.json)" in proc.stdout
     exported = torch.load(out, weights_only=False)
     model = W.make_model()
     model.load_state_dict(exported["model"])  # strict: every key, tied head and frozen layer included
@@ -326,7 +327,22 @@ def test_export_refuses_damaged_checkpoints(world2, tmp_path):
     torch.save({"something": 1}, tag / ads.LAYER_STATE_FILE)
     assert "is not an AdamHD layer-state file" in export(src)
     assert "is a folder" in export(os.path.join(ck, "ck_zero2"), out=tmp_path)
+    # a checkpoint with a checksum record (as the launcher writes one) and one byte changed in a rank file
+    src, tag = copy("flipped")
+    write_checksums(tag)
+    f = sorted(tag.glob("*zero_pp_rank_1_*optim_states.pt"))[0]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    msg = export(src)
+    assert "fails verification against its checksums.json, nothing was exported" in msg and f.name in msg
+    assert "checksum differs" in msg
     assert not (tmp_path / "x.pt").exists()
+    src, tag = copy("recorded")
+    write_checksums(tag)
+    ok = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(src), "--out",
+                         str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert ok.returncode == 0 and "every file verified against its checksums" in ok.stdout, ok.stderr[-3000:]
 
 
 def test_export_errors(tmp_path):

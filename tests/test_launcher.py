@@ -431,6 +431,20 @@ def test_checkpoint_folder_ignores_partial_saves(tmp_path):
     assert ck.prune_checkpoints(root, keep=1) == [root / "step3"] and ck.list_checkpoints(root) == [(6, root / "step6")]
 
 
+def test_rotation_never_deletes_the_newest_checkpoint_checked_finite(tmp_path):
+    """Checkpoints record that their weights were checked finite; newer ones without that record (written by an
+    older launcher) do not push the newest checked one out, whatever --keep-checkpoints says."""
+    root = tmp_path / "checkpoints"
+    for step, checked in ((2, True), (4, True), (6, False), (8, False)):
+        (root / ck.partial_tag(step)).mkdir(parents=True)
+        state = {"step": step, **({"params_finite": True} if checked else {})}
+        ck.write_json_atomic(state, root / ck.partial_tag(step) / ck.TRAINER_STATE)
+        ck.commit_checkpoint(root, step)
+    assert ck.prune_checkpoints(root, keep=1) == [root / "step2", root / "step6"]
+    assert [s for s, _ in ck.list_checkpoints(root)] == [4, 8]
+    assert ck.prune_checkpoints(root, keep=1) == [] and [s for s, _ in ck.list_checkpoints(root)] == [4, 8]
+
+
 def test_checksums_find_every_damage_and_old_checkpoints_load_unverified(tmp_path):
     """The record written at commit finds a garbled byte (same size), a truncated file and a missing one, names
     each file; a checkpoint without the record is reported as unverified (None); set_aside keeps the folder."""

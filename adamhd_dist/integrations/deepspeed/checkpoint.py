@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ...fsutil import atomic_write
+from ...fsutil import CHECKSUMS, atomic_write, verify_checksums
 from ...optim.optimizer import AdamHD
 from . import _compat
 
@@ -277,10 +277,17 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
 
     Returns (and with ``out``, saves atomically) ``{"model": state_dict of fp32 tensors (trainable params from
     the fp32 masters, frozen params, buffers, tied aliases), "optimizer": {name: {"exp_avg", "exp_avg_sq" (and
-    amsgrad's "max_exp_avg_sq"),
-    "step", and "delta_ema" where the layer has μ}}, "global_steps", "zero_stage", "world_size"}``; the model
-    part loads into the unwrapped model with ``model.load_state_dict``."""
+    amsgrad's "max_exp_avg_sq"), "step", and "delta_ema" where the layer has μ}}, "global_steps", "zero_stage",
+    "world_size", "verified"}``; the model part loads into the unwrapped model with ``model.load_state_dict``.
+
+    A tag folder with a ``checksums.json`` (the launcher writes one into every checkpoint) is verified before
+    anything is read: a file that is missing, has another size or another checksum is a ValueError naming it.
+    ``"verified"`` says whether the record was there."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    problems = verify_checksums(tag_dir)
+    if problems:
+        raise ValueError(f"checkpoint {str(tag_dir)!r} fails verification against its {CHECKSUMS}, nothing was "
+                         f"exported:\n  " + "\n  ".join(problems))
     first, frozen_frags = _model_states(tag_dir)
     shapes: dict[str, tuple] = {}
     for group in first.get("param_shapes") or []:
@@ -331,7 +338,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
             entry["delta_ema"] = torch.as_tensor(layer_state[name]["delta_ema"], dtype=torch.float32).clone()
         optimizer[name] = entry
     result = {"model": model, "optimizer": optimizer, "global_steps": first.get("global_steps"),
-              "zero_stage": _saved_zero_stage(tag_dir), "world_size": first.get("dp_world_size")}
+              "zero_stage": _saved_zero_stage(tag_dir), "world_size": first.get("dp_world_size"), "verified": problems is not None}
     if out is not None:
         _atomic_torch_save(result, Path(out))
     return result
@@ -362,5 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     with_mu = sum("delta_ema" in st for st in result["optimizer"].values())
     print(f"wrote {args.out}: {len(result['model'])} model tensors ({n:,} elements), optimizer state of "
           f"{len(result['optimizer'])} layers ({with_mu} with μ), step {result['global_steps']}, saved at ZeRO "
-          f"stage {result['zero_stage']} on {result['world_size']} ranks")
+          f"stage {result['zero_stage']} on {result['world_size']} ranks; "
+          + ("every file verified against its checksums" if result["verified"] else
+             f"not verified (the checkpoint has no {CHECKSUMS})"))
     return 0
