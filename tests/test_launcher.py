@@ -178,6 +178,24 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_run, tmp_path, data_cache):
 
 
 @pytest.mark.slow
+def test_a_damaged_fsdp_checkpoint_is_refused_before_dcp_reads_it(fsdp_run, tmp_path, data_cache):
+    """The FSDP2/DCP checkpoints carry the same checksums: one byte changed in a DCP shard file, and resuming from
+    that checkpoint stops the run with exit status 2 naming the file, before anything is loaded."""
+    out = tmp_path / "run"
+    shutil.copytree(fsdp_run[0] / "checkpoints", out / "checkpoints")
+    folder = out / "checkpoints" / "step3"
+    victim = sorted((folder / "dcp").glob("*.distcp"))[-1]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    launch = lr.run(lr.torchrun_cmd(["--fsdp"] + RUN + ["--data-cache", data_cache, "--out-dir", out,
+                                                       "--resume", folder]))
+    # the ranks exit with status 2 (torchrun ends the slower one and itself exits 1)
+    assert launch.returncode == 1 and "exitcode  : 2" in launch.output, launch.output[-3000:]
+    assert "fails verification, nothing was loaded" in launch.output and victim.name in launch.output
+
+
+@pytest.mark.slow
 def test_mpirun_end_to_end(ds_run, tmp_path, data_cache):
     if not lr.mpirun_available():
         pytest.fail("mpirun and mpi4py are missing: install the project's [mpi] extra (make install does)")
