@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Optional
 
-__all__ = ["fsync_dir", "fsync_tree", "atomic_write", "CHECKSUMS", "checkpoint_files", "file_checksum", "checksum_files",
+__all__ = ["fsync_dir", "fsync_tree", "atomic_write", "publish_folder", "CHECKSUMS", "checkpoint_files", "file_checksum", "checksum_files",
            "write_checksums", "verify_checksums"]
 
 CHECKSUMS = "checksums.json"
@@ -53,6 +54,32 @@ def atomic_write(path: Path | str, write: Callable[[IO], None], *, binary: bool 
             os.unlink(tmp)
         raise
     return path
+
+
+def publish_folder(tmp: Path | str, final: Path | str, *, replace: bool = False) -> Path:
+    """Make the folder ``tmp`` visible as ``final`` in one rename, after its files reached the disk.
+
+    ``replace``: an existing ``final`` is renamed aside to ``.replaced-<name>`` first and removed after (a crash
+    in between leaves that folder, never a half-written ``final``). Otherwise an existing ``final`` raises
+    FileExistsError and ``tmp`` is left as it is."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if replace and final.exists():
+        old = final.with_name(f".replaced-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if not replace and final.exists():
+            raise FileExistsError(f"{str(final)!r} exists already") from e
+        raise
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def checkpoint_files(folder: Path | str) -> list[str]:

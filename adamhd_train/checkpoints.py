@@ -29,8 +29,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from adamhd_dist.fsutil import (CHECKSUMS, atomic_write, checksum_files, checkpoint_files, file_checksum, fsync_tree,
-                                verify_checksums, write_checksums)
+from adamhd_dist.fsutil import (CHECKSUMS, atomic_write, checksum_files, checkpoint_files, file_checksum,
+                                publish_folder, verify_checksums, write_checksums)
 
 __all__ = ["CHECKPOINT_DIR", "TRAINER_STATE", "tag_for", "partial_tag", "list_checkpoints", "latest_checkpoint",
            "commit_checkpoint", "prune_checkpoints", "remove_partials", "write_json_atomic", "read_trainer_state",
@@ -107,15 +107,7 @@ def commit_checkpoint(root: Path | str, step: int, checksums: Optional[dict[str,
     if not (tmp / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"checkpoint {str(tmp)!r} is incomplete: no {TRAINER_STATE}")
     write_checksums(tmp, checksums)
-    fsync_tree(tmp)
-    if final.exists():
-        old = root / f".replaced-{tag_for(step)}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    publish_folder(tmp, final, replace=True)
     atomic_write(root / "latest", lambda f: f.write(tag_for(step) + "\n"))
     return final
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adamhd_dist.fsutil import fsync_dir, fsync_tree
+from adamhd_dist.fsutil import publish_folder
 
 # datasets, tokenizers and transformers are imported inside the functions that build a token cache or load a
 # tokenizer: every rank of a run whose cache is built reads it with numpy alone, without their seconds of import.
@@ -344,16 +344,14 @@ def _read_meta(folder: Path) -> dict:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` visible as ``final`` in one rename, after its files reached the disk."""
-    fsync_tree(tmp)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """Make ``tmp`` visible as ``final`` in one rename (:func:`~adamhd_dist.fsutil.publish_folder`); when another
+    process published the same content first, ``tmp`` is dropped."""
     try:
-        os.rename(tmp, final)
-    except OSError:
+        publish_folder(tmp, final)
+    except FileExistsError:
         if not _complete(final):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process published the same content first
-    fsync_dir(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _text_batches(ds, max_chars: int, batch_size: int = 1000) -> Iterator[list[str]]:

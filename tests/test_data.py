@@ -416,3 +416,26 @@ def test_samplers_read_a_prepared_corpus(embedded):
     assert torch.equal(batch, torch.from_numpy(np.stack([train[i:i + 65] for i in starts]).astype(np.int64)))
     v = next(iter(ValBatches(d, seq_len=64, micro_batch=2)))
     assert torch.equal(v[0], torch.from_numpy(d.tokens("val")[:65].astype(np.int64)))
+
+
+def test_publish_folder_is_one_rename_and_replaces_only_when_asked(tmp_path):
+    """A folder appears complete or not at all; an existing one is kept (FileExistsError, the new one left as it
+    was) unless replace=True, which swaps it out without leaving the aside copy behind."""
+    from adamhd_dist.fsutil import publish_folder
+
+    def folder(name, text):
+        d = tmp_path / name
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "f.txt").write_text(text)
+        return d
+
+    final = tmp_path / "out" / "step1"
+    assert publish_folder(folder("a", "first"), final) == final
+    assert (final / "sub" / "f.txt").read_text() == "first" and not (tmp_path / "a").exists()
+    b = folder("b", "second")
+    with pytest.raises(FileExistsError):
+        publish_folder(b, final)
+    assert (final / "sub" / "f.txt").read_text() == "first" and (b / "sub" / "f.txt").read_text() == "second"
+    publish_folder(b, final, replace=True)
+    assert (final / "sub" / "f.txt").read_text() == "second"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step1"]
