@@ -295,7 +295,7 @@ class Trainer:
             if all(p is None for p in gathered):
                 if self.ctx.is_main:
                     print(f"note: checkpoint {folder} has no checksums (written before they were recorded): "
-                          f"loaded unverified", flush=True)
+                          f"loading it unverified", flush=True)
                 return resume_from
             problems = sorted({line for p in gathered if p for line in p})
             if not problems:
@@ -321,8 +321,19 @@ class Trainer:
         return None
 
     def _restore(self, folder: Path) -> None:
-        """Engine state, data position, step and token counts, training time and (same world size) RNG states."""
-        self.engine.load(folder.parent, folder.name)
+        """Engine state, data position, step and token counts, training time and (same world size) RNG states.
+        A file that cannot be read (only possible past verification for a checkpoint without checksums) ends the
+        run with a message naming the checkpoint and what the reader said, not a traceback from deep inside it."""
+        try:
+            self.engine.load(folder.parent, folder.name)
+        except Exception as e:  # noqa: BLE001 - torch.load/pickle/DCP raise many kinds for a damaged file
+            if _peer_failure(e):
+                raise SettingsError(f"rank {self.rank}: another rank could not load checkpoint {folder} (its message "
+                                    f"says why)") from None
+            raise SettingsError(f"checkpoint {folder} cannot be loaded: {type(e).__name__}: {e}"
+                                + ("" if (folder / ck.CHECKSUMS).is_file() else
+                                   f" (it has no {ck.CHECKSUMS} to tell which file is damaged: written before "
+                                   f"checksums were recorded)")) from None
         state = ck.read_trainer_state(folder)
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])

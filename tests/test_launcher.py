@@ -178,6 +178,26 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_run, tmp_path, data_cache):
 
 
 @pytest.mark.slow
+def test_a_damaged_file_of_an_unverified_checkpoint_gets_a_message_naming_the_checkpoint(ds_run, tmp_path,
+                                                                                          data_cache):
+    """A checkpoint without checksums (written before they were recorded) whose μ file is garbled: loading it
+    ends the run with exit status 2 and a message naming the checkpoint and the reader's error, no traceback."""
+    out = tmp_path / "run"
+    shutil.copytree(ds_run[0] / "checkpoints", out / "checkpoints")
+    folder = out / "checkpoints" / "step3"
+    (folder / ck.CHECKSUMS).unlink()
+    victim = folder / "adamhd_layer_state.pt"
+    raw = bytearray(victim.read_bytes())
+    raw[100:164] = os.urandom(64)
+    victim.write_bytes(bytes(raw))
+    launch = lr.run(lr.deepspeed_cmd(ZERO2 + RUN + ["--data-cache", data_cache, "--out-dir", out,
+                                                    "--resume", folder]))
+    assert launch.returncode == 2, launch.output[-3000:]
+    assert f"checkpoint {folder} cannot be loaded" in launch.output, launch.output[-3000:]
+    assert "loading it unverified" in launch.output and "Traceback" not in launch.output
+
+
+@pytest.mark.slow
 def test_a_damaged_fsdp_checkpoint_is_refused_before_dcp_reads_it(fsdp_run, tmp_path, data_cache):
     """The FSDP2/DCP checkpoints carry the same checksums: one byte changed in a DCP shard file, and resuming from
     that checkpoint stops the run with exit status 2 naming the file, before anything is loaded."""
