@@ -26,15 +26,7 @@ outliers (the baseline plus rare injected outlier gradients, the same events for
 same command reuses runs that finished. Counts accept k/M/B suffixes (4M, 2k).
 """
 
-import sys
-
-try:
-    from adamhd_study.cli import main
-except ModuleNotFoundError as e:  # an install without the [train] extra: say which to install, no traceback
-    if type(e).__name__ != "MissingExtraError":
-        raise
-    print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
-    raise SystemExit(2)
+from _entry import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(description=__doc__))
+    raise SystemExit(run("adamhd_study.cli", __doc__))

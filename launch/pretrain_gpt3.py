@@ -34,15 +34,7 @@ refuses fp16 (it has no loss scaling).
 Counts of tokens accept k/M/B suffixes (375M, 4B).
 """
 
-import sys
-
-try:
-    from adamhd_train.cli import main
-except ModuleNotFoundError as e:  # an install without the [train] extra: say which to install, no traceback
-    if type(e).__name__ != "MissingExtraError":
-        raise
-    print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
-    raise SystemExit(2)
+from _entry import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(description=__doc__))
+    raise SystemExit(run("adamhd_train.cli", __doc__))
