@@ -250,19 +250,33 @@ def building(build_dir: str, *, say: Callable[[str], None] = _say, grace_s: floa
 
     grace_s = GRACE_S if grace_s is None else grace_s
     os.makedirs(build_dir, exist_ok=True)
-    fd = os.open(os.path.join(build_dir, OWNER), os.O_RDWR | os.O_CREAT, 0o666)
+    owner = os.path.join(build_dir, OWNER)
+    writable = True
+    try:
+        fd = os.open(owner, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's record in a shared folder: take its flock, leave its text
+        fd, writable = os.open(owner, os.O_RDONLY), False
     recorded = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = _read_record(fd)
-            say(f"adamhd_dist: waiting for the build in {build_dir} by "
-                f"{_who(record) if record else 'another process'}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # ranks of one run load the same ops at the same moment: say nothing about a short wait
+                if time.monotonic() - t0 < 2.0:
+                    time.sleep(0.05)
+                    continue
+                record = _read_record(fd)
+                say(f"adamhd_dist: waiting for the build in {build_dir} by "
+                    f"{_who(record) if record else 'another process'}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                break
         _settle(build_dir, _read_record(fd), say, grace_s, poll_s)
-        _write_record(fd)
-        recorded = True
+        if writable:
+            _write_record(fd)
+            recorded = True
         yield
     finally:
         try:
