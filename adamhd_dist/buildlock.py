@@ -225,14 +225,17 @@ def _settle(build_dir: str, previous: dict | None, say: Callable[[str], None], g
                 f"longer than any build) and no process on this host holds it")
             _remove(st.path, ino)
             continue
-        seen = ("no process on this host has it open" if st.complete else
-                "no process of this user on this host has it open (other users' processes cannot be inspected)")
+        if st.complete:
+            seen = "no process on this host has it open"
+            auto = f"a lock like this older than {limit:g} s is removed automatically; {STALE_ENV} sets that age"
+        else:
+            seen = "no process that could be inspected on this host has it open"
+            auto = "it is not removed automatically, as some processes on this host cannot be inspected"
         raise BuildLockError(
             f"the extension build lock {st.path} ({st.age_s:.0f} s old) has no live builder here: {seen}, so it "
             f"was most likely left by a build that was killed, and every build or load of this extension would wait "
             f"on it forever. Unless a build sharing this folder runs on another machine or in another container, "
-            f"remove it: {_clear_rm(st.path)}   (locks older than {limit:g} s are removed automatically; "
-            f"{STALE_ENV} sets that age)")
+            f"remove it: {_clear_rm(st.path)}   ({auto})")
 
 
 @contextlib.contextmanager

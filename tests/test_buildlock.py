@@ -161,7 +161,7 @@ def test_an_old_third_party_lock_is_removed_only_when_every_process_was_seen(ext
     os.utime(lock, (old, old))
     monkeypatch.setenv(buildlock.STALE_ENV, "60")
     monkeypatch.setattr(buildlock, "_holders", lambda *a: ([], False))  # another user's process could hold it
-    with pytest.raises(buildlock.BuildLockError, match="other users' processes cannot be inspected"):
+    with pytest.raises(buildlock.BuildLockError, match="some processes on this host cannot be inspected"):
         buildlock.check(str(ext_dir), say=lambda s: None, grace_s=0)
     assert lock.exists()
     monkeypatch.setattr(buildlock, "_holders", lambda *a: ([], True))
