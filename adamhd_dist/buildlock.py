@@ -155,8 +155,9 @@ def _read_record(fd: int) -> dict | None:
 
 
 def _write_record(fd: int) -> None:
+    command = _cmdline(os.getpid())
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-              "command": shlex.join(sys.argv) or sys.executable}
+              "command": command if command != "?" else shlex.join([sys.executable] + sys.argv)}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
 
@@ -164,7 +165,7 @@ def _write_record(fd: int) -> None:
 def _who(record: dict) -> str:
     ago = time.time() - float(record.get("started", time.time()))
     return (f"pid {record.get('pid')} on {record.get('host')}, started {ago:.0f} s ago: "
-            f"{record.get('command', '?')}")
+            f"{_short(str(record.get('command', '?')))}")
 
 
 def _remove(path: str, ino: int | None) -> None:
@@ -181,6 +182,10 @@ def _ino(path: str) -> int | None:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def _short(command: str, limit: int = 160) -> str:
+    return command if len(command) <= limit else command[:limit - 3] + "..."
 
 
 def _clear_rm(path: str) -> str:
@@ -203,7 +208,7 @@ def _settle(build_dir: str, previous: dict | None, say: Callable[[str], None], g
             new = [h for h in st.holders if h[0] not in waited_for]
             if new:
                 say(f"adamhd_dist: waiting for a live build holding {st.path}: "
-                    + "; ".join(f"pid {p}: {c}" for p, c in new))
+                    + "; ".join(f"pid {p}: {_short(c)}" for p, c in new))
                 waited_for.update(p for p, _ in new)
             t0 = time.monotonic()  # the grace period starts once nobody holds it
             time.sleep(poll_s)
