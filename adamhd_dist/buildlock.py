@@ -10,11 +10,13 @@ Our builds go through :func:`building`: for the whole build the builder holds an
 the lock and writes its pid, host, start time and command line into it (emptied when the build ends). The kernel
 releases an ``flock`` when its holder dies, even by SIGKILL, so a lock found while that ``flock`` is free and the
 record still filled was left by a builder that is gone: it is removed. A builder that holds the ``flock`` is alive
-and is waited for.
+and is waited for. The record proves only a lock made during its build (not older than its start) and on this host
+(an ``flock`` on a network filesystem need not reach other machines); other locks are judged as third-party ones.
 
 A lock without such a record (a third-party builder, e.g. DeepSpeed's op builders called directly) is judged by who
 holds it open: a process on this host that has the lock open, or works in the build folder (ninja, the compiler),
-is a live builder and is waited for. When none does, the lock is removed only when it is older than any build
+is a live builder and is waited for (a compiler outlives a builder killed with its process group: ninja starts
+each command in a group of its own). When none does, the lock is removed only when it is older than any build
 (:data:`STALE_AFTER_S`, ``ADAMHD_BUILD_LOCK_STALE_S``) and every process on this host could be inspected; otherwise,
 after a short wait (:data:`GRACE_S`), :class:`BuildLockError` names the lock, its age and the ``rm`` command. A
 build running on another machine or in another container that shares the folder cannot be seen from here, which is
@@ -254,9 +256,13 @@ def building(build_dir: str, *, say: Callable[[str], None] = _say, grace_s: floa
     the block ends, also on an exception. ``grace_s``: how long a lock nobody here holds is watched before it is
     judged (default :data:`GRACE_S`).
     """
-    import fcntl
-
     grace_s = GRACE_S if grace_s is None else grace_s
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, so no owner record; locks are judged as third-party ones
+        _settle(build_dir, None, say, grace_s, poll_s)
+        yield
+        return
     os.makedirs(build_dir, exist_ok=True)
     owner = os.path.join(build_dir, OWNER)
     writable = True
