@@ -360,6 +360,9 @@ def load_deepspeed_ops(ds_config: dict, *, say: Callable[[str], None] = _say, gr
     otherwise is left for DeepSpeed to report when it needs the op."""
     loaded = []
     for builder in deepspeed_op_builders(ds_config):
+        if builder.name in getattr(builder, "_loaded_ops", {}):  # loaded in this process already
+            loaded.append(builder.name)
+            continue
         folder = extension_dir(builder.name)
         with building(folder, say=say, grace_s=grace_s):
             try:
