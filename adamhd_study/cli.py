@@ -10,6 +10,7 @@ import shlex
 import sys
 from typing import Optional
 
+from adamhd_dist.buildlock import BuildLockError
 from adamhd_train.options import add_options, cli_option
 from adamhd_train.settings import TrainSettings
 
@@ -106,7 +107,7 @@ def main(argv: Optional[list[str]] = None, *, description: Optional[str] = None)
         cfg = preset(args.preset, **overrides)
         _, summary = run_comparison(cfg, command=shlex.join(["python", "launch/compare.py"] + list(argv)),
                                     report_only=args.report_only)
-    except ValueError as e:
+    except (ValueError, BuildLockError) as e:
         return _error(str(e))
     print()
     for sentences in summary["verdict"].values():

@@ -7,7 +7,8 @@
    (``large_batch_factor`` × the global batch, as many fewer steps, so the same tokens); ``outliers`` (the
    baseline with rare injected outlier gradients, the same events for every optimizer);
 2. execute (:mod:`adamhd_study.execute`): the runs as subprocesses, ``parallel`` at a time, each on its own port
-   with ``MASTER_ADDR=127.0.0.1`` and a time limit; a run directory that holds the finished run is reused;
+   with ``MASTER_ADDR=127.0.0.1`` and a time limit, after the C++ ops they load are built once in this process;
+   a run directory that holds the finished run is reused;
 3. collect (:mod:`adamhd_study.collect`): each run's curves, δ and events, its final weights evaluated, pruned
    and histogrammed;
 4. stats and summary (:mod:`adamhd_study.stats`, :mod:`adamhd_study.summary`, :mod:`adamhd_study.verdict`): the

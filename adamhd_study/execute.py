@@ -1,6 +1,8 @@
 """Running the planned runs as subprocesses: :func:`execute` starts them ``parallel`` at a time (the optimizers of
 one arm and seed side by side), each with ``MASTER_ADDR=127.0.0.1``, its own port, its own log and a time limit,
-and reuses a run directory that already holds the finished run."""
+and reuses a run directory that already holds the finished run. Before any run starts, :func:`prebuild_ops` builds
+the C++ ops the runs load (DeepSpeed's for their configs, AdamHD's CPU kernel), once, in this process: a run's time
+limit then never stops a build, and a build lock left by an earlier killed build is removed or reported first."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from adamhd_dist import buildlock
+from adamhd_dist.deepspeed import is_adamhd_config
 from adamhd_train.checkpoints import latest_checkpoint
 from adamhd_train.ports import free_port
 from adamhd_train.ranks import available_cpus
@@ -23,7 +27,7 @@ from adamhd_train.ranks import available_cpus
 from .config import CompareConfig
 from .plan import RunSpec, command_for, run_spec
 
-__all__ = ["execute", "threads_per_run", "read_status", "STATUS_FILE"]
+__all__ = ["execute", "prebuild_ops", "threads_per_run", "read_status", "STATUS_FILE"]
 
 STATUS_FILE = "compare_status.json"
 """Written into a run directory when its run ends: exit status, wall time, command, threads, log."""
@@ -66,6 +70,35 @@ def _batches(runs: list[RunSpec], parallel: int) -> list[list[RunSpec]]:
         else:
             groups.append([run])
     return groups
+
+
+def _load_cpu_kernel() -> None:
+    from adamhd_dist.optim.kernels import cpu
+
+    cpu.load()
+
+
+def prebuild_ops(cfg: CompareConfig, optimizers, *, say: Callable[[str], None] = print) -> None:
+    """Build (first time) and load here the ops the runs of ``optimizers`` load: DeepSpeed's for each config
+    (:func:`adamhd_dist.buildlock.load_deepspeed_ops`) and, on a machine without CUDA, AdamHD's CPU kernel for the
+    selected ISA (``ADAMHD_CPU_ISA``, which the runs inherit). Raises
+    :class:`~adamhd_dist.buildlock.BuildLockError` for a build lock that must be cleared by hand; a build that
+    fails otherwise is said and left to the runs (which report it, or take AdamHD's foreach path)."""
+    t0 = time.perf_counter()
+    configs = {name: json.loads(cfg.config_path(name).read_text()) for name in optimizers}
+    say("[compare] building the ops the runs load (first time only), before any run starts")
+    built = []
+    for ds_config in configs.values():
+        built += [n for n in buildlock.load_deepspeed_ops(ds_config, say=say) if n not in built]
+    if not torch.cuda.is_available() and any(is_adamhd_config(c) for c in configs.values()):
+        try:
+            _load_cpu_kernel()
+            built.append("AdamHD's CPU kernel")
+        except buildlock.BuildLockError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the runs meet the same and take the foreach path
+            say(f"[compare] AdamHD's CPU kernel is unavailable ({exc}); its runs take the foreach path")
+    say(f"[compare] ops ready in {time.perf_counter() - t0:.0f} s: {', '.join(built) or 'none needed'}")
 
 
 @dataclass
@@ -144,7 +177,11 @@ def execute(runs: list[RunSpec], cfg: CompareConfig, *, say: Callable[[str], Non
 
     The runs of one arm and seed (one per optimizer) start together, and only when there are slots for all of
     them, so the optimizers being compared share the machine for their whole run: their wall-clock figures see
-    the same background load."""
+    the same background load. The ops the runs load are built first (:func:`prebuild_ops`), so no run's time or
+    time limit includes a build."""
+    todo = [run for run in runs if not _finished(run)]
+    if todo:
+        prebuild_ops(cfg, list(dict.fromkeys(run.optimizer for run in todo)), say=say)
     pending = _batches(runs, cfg.parallel)
     runner = _Runner(cfg, say)
     # SIGTERM stops the running children too (they run in their own sessions, out of reach of a group kill)

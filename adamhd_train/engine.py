@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from adamhd_dist import AdamHD, layer_deltas, param_groups
+from adamhd_dist import AdamHD, buildlock, layer_deltas, param_groups
 from adamhd_dist.fsdp import apply_fsdp
 # DeepSpeed's integration, which imports deepspeed itself only when an engine is built
 from adamhd_dist import deepspeed as ads
@@ -224,6 +224,9 @@ class DeepSpeedEngine(_EngineBase):
     def __init__(self, model, ds_config: dict, *, lr_scheduler: Callable, weight_decay: float, device):
         super().__init__(device)
         params = None if ads.is_adamhd_config(ds_config) else param_groups(model, weight_decay)
+        # DeepSpeed JIT-builds its ops inside initialize, where a lock left by a killed build would hang this rank
+        # silently: load them first under an owner record (a stale lock is removed, or named with how to clear it)
+        buildlock.load_deepspeed_ops(ds_config)
         self.engine, self.optimizer, _, self.lr_scheduler = ads.initialize(
             model=model, config=ds_config, model_parameters=params, lr_scheduler=lr_scheduler)
         self.model = self.engine

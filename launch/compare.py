@@ -23,7 +23,9 @@ Each arm (optimizer x setting x seed) is a normal launch/pretrain_gpt3.py run wi
 
 Arms: baseline; large-batch (--large-batch-factor x the global batch, as many fewer steps: same tokens);
 outliers (the baseline plus rare injected outlier gradients, the same events for every optimizer). Re-running the
-same command reuses runs that finished. Counts accept k/M/B suffixes (4M, 2k).
+same command reuses runs that finished. Counts accept k/M/B suffixes (4M, 2k). Before any run starts, the C++ ops the
+runs load (DeepSpeed's for each config, AdamHD's CPU kernel) are built once here (first time only), so --run-timeout
+never stops a build; a build lock a killed build left is removed, or named with the command that clears it.
 """
 
 from _entry import run

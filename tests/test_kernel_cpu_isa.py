@@ -147,21 +147,6 @@ def test_every_build_computes_the_same_bits(dtypes, monkeypatch):
         assert torch.equal(ref[-1][~nan].view(torch.int64), res[-1][~nan].view(torch.int64)), isa
 
 
-def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    """torch waits forever on a build lock left by a killed process; a lock older than any build is dropped."""
-    import os
-    import time
-
-    lock = tmp_path / "lock"
-    lock.write_text("")
-    kcpu._drop_stale_lock(str(tmp_path))
-    assert lock.exists()  # a build may be running now
-    old = time.time() - kcpu._STALE_LOCK_SECONDS - 5
-    os.utime(lock, (old, old))
-    kcpu._drop_stale_lock(str(tmp_path))
-    assert not lock.exists()
-
-
 def test_tensor_subclasses_never_reach_native_code():
     """The kernel reads raw storage: a tensor subclass (a DTensor, a fake or functional tensor has no storage of its
     data) is refused with a message, not handed to native code."""

@@ -34,11 +34,12 @@ import os
 import platform
 import sys
 import threading
-import time
 from collections.abc import Sequence, Set
 from typing import Any
 
 import torch
+
+from ... import buildlock
 
 __all__ = ["load", "available", "fused_adamhd_cpu_", "layer_abs_sums_cpu", "SUM_BLOCK", "SUM_SUB", "SUM_LANES",
            "SUM_REL_ERROR", "ISA_ENV", "ISAS", "selected_isa", "default_isa", "isa_flags", "cpu_flags",
@@ -191,7 +192,8 @@ def load(isa: str | None = None):
 
     Raises ``ValueError`` for an unknown ISA or one this CPU cannot execute (naming what it lacks), ``RuntimeError``
     with the reason when it cannot be built (no C++ compiler, ...). The outcome is cached per ISA: a failed build is
-    not retried within the process.
+    not retried within the process. A build lock left by a killed build is removed, one that cannot be judged raises
+    :class:`adamhd_dist.buildlock.BuildLockError` naming it and how to clear it (not cached).
     """
     isa = selected_isa() if isa is None else _check_isa(isa)
     mod = _modules.get(isa)
@@ -212,7 +214,6 @@ def load(isa: str | None = None):
 
             name = _ext_name(isa)
             build_dir = cpp_extension._get_build_directory(name, verbose=False)
-            _drop_stale_lock(build_dir)
             if not any(f.endswith(".so") for f in os.listdir(build_dir)):
                 print(f"adamhd_dist: building the fused CPU kernel for {isa} (first use only, about a minute) "
                       f"in {build_dir}", file=sys.stderr, flush=True)
@@ -223,39 +224,24 @@ def load(isa: str | None = None):
             path = os.environ.get("PATH", "")
             os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), path])
             try:
-                _modules[isa] = cpp_extension.load(
-                    name=name,
-                    sources=[_SOURCE],
-                    extra_cflags=_CFLAGS + omp + flags,
-                    extra_ldflags=omp,
-                    verbose=bool(os.environ.get("ADAMHD_VERBOSE_BUILD")),
-                )
+                # torch takes its lock file on every load, also when nothing is rebuilt; building() records this
+                # process as its owner, so a lock left by a killed load is told from a live one
+                with buildlock.building(build_dir):
+                    _modules[isa] = cpp_extension.load(
+                        name=name,
+                        sources=[_SOURCE],
+                        extra_cflags=_CFLAGS + omp + flags,
+                        extra_ldflags=omp,
+                        verbose=bool(os.environ.get("ADAMHD_VERBOSE_BUILD")),
+                    )
             finally:
                 os.environ["PATH"] = path
+        except buildlock.BuildLockError:
+            raise  # a lock to clear, not a missing kernel: not cached, a later call retries
         except Exception as exc:  # compiler missing, build error, import error, ...
             _errors[isa] = f"adamhd CPU kernel ({isa}) could not be built: {type(exc).__name__}: {exc}"
             raise RuntimeError(_errors[isa]) from exc
         return _modules[isa]
-
-
-# A build takes about a minute; torch takes this lock file on every load (also when nothing is rebuilt) and waits
-# forever while it exists. A process killed while holding it (a rank SIGKILLed by its launcher) leaves it behind.
-_STALE_LOCK_SECONDS = 600
-
-
-def _drop_stale_lock(build_dir: str) -> None:
-    lock = os.path.join(build_dir, "lock")
-    try:
-        age = time.time() - os.path.getmtime(lock)
-    except OSError:
-        return
-    if age > _STALE_LOCK_SECONDS:
-        print(f"adamhd_dist: removing a stale build lock ({age:.0f} s old, left by a killed process): {lock}",
-              file=sys.stderr, flush=True)
-        try:
-            os.remove(lock)
-        except OSError:
-            pass
 
 
 def available(isa: str | None = None) -> bool:
