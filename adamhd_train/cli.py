@@ -135,7 +135,13 @@ def main(argv: Optional[list[str]] = None, *, description: Optional[str] = None,
                      rerun_command=_rerun_command(ctx, manifest_path), expect_data_hash=expect_data_hash,
                      on_model=on_model)
     except SettingsError as e:
-        return _error(ctx.rank, str(e))
+        code = _error(ctx.rank, str(e))
+        if torch.distributed.is_initialized():
+            # The process group is up (a checkpoint refused while loading): leaving through interpreter teardown
+            # with gloo's threads alive can abort the process (SIGABRT) instead of exiting with this status.
+            sys.stdout.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":
