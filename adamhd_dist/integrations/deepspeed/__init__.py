@@ -157,6 +157,12 @@ def check_config(cfg: dict) -> None:
         raise ValueError('config "zero_optimization.mics_shard_size": MiCS is not supported with AdamHD')
     if z.get("zenflow"):
         raise ValueError('config "zero_optimization.zenflow" is not supported with AdamHD')
+    tp = cfg.get("tensor_parallel") or {}
+    tp_size = tp.get("autotp_size", 0) if isinstance(tp, dict) else 0
+    if isinstance(tp_size, int) and not isinstance(tp_size, bool) and tp_size > 1 and stage not in (1, 2):
+        raise ValueError(f'config "tensor_parallel.autotp_size" = {tp_size} with ZeRO stage {stage}: AdamHD sums a '
+                         f"tensor-parallel layer's statistic over its tensor- and data-parallel ranks under ZeRO "
+                         f"stage 1 or 2 only; use stage 1 or 2, or autotp_size 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +277,12 @@ def _attach_layout(zopt, opt: AdamHD, module) -> None:
     names = _names_by_id(module)
     kind = _compat.zero_kind(zopt)
     if kind in (_compat.ZeroKind.PLAIN, _compat.ZeroKind.UNFUSED):
+        if _compat.tp_group([p for g in opt.param_groups for p in g["params"]] +
+                            [lp for lp, _ in (_compat.unfused_copies(zopt) if kind == _compat.ZeroKind.UNFUSED
+                                              else [])]) is not None:
+            raise ValueError('"tensor_parallel.autotp_size" > 1 at ZeRO stage 0: each rank holds a slice of the '
+                             "split layers and AdamHD would take a slice's statistic for the layer's; use ZeRO "
+                             "stage 1 or 2 with AutoTP")
         # stage 0: every layer is whole on every rank (fp32 copies at fp16/bf16); only the names to attach
         copies = {id(hp): lp for lp, hp in _compat.unfused_copies(zopt)} if kind == _compat.ZeroKind.UNFUSED else {}
         for g in opt.param_groups:
@@ -280,13 +292,48 @@ def _attach_layout(zopt, opt: AdamHD, module) -> None:
         return
     group = _compat.dp_group(zopt)
     rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
-    table = _layout_stage3(zopt, names, rank) if kind == _compat.ZeroKind.STAGE3 else \
-        _layout_stage12(_compat.stage12_view(zopt, kind), names, rank)
+    if kind == _compat.ZeroKind.STAGE3:
+        layer_params = [p for sub in _compat.stage3_view(zopt) for p in sub.params]
+        table = _layout_stage3(zopt, names, rank)
+    else:
+        view = _compat.stage12_view(zopt, kind)
+        layer_params = [p for lps in view.lp_groups for p in lps]
+        table = _layout_stage12(view, names, rank)
     lnames, numels, groups, frags, shapes, index = table
-    layout = FlatLayout(lnames, numels, groups, frags, _all_reduce_fn(group) if world > 1 else None, shapes,
-                        engine_index=index)
+    tp = _compat.tp_group(layer_params)
+    if tp is None:
+        reduce = _all_reduce_fn(group) if world > 1 else None
+    elif kind == _compat.ZeroKind.STAGE3:
+        raise ValueError('"tensor_parallel.autotp_size" > 1 with ZeRO stage 3 is not supported with AdamHD; use '
+                         "ZeRO stage 1 or 2")
+    else:
+        reduce = _tp_reduce(layer_params, group, tp)
+    layout = FlatLayout(lnames, numels, groups, frags, reduce, shapes, engine_index=index)
     opt.set_layer_stats(FlatLayerStats(layout))
     _wrap_step(zopt, opt)
+
+
+def _tp_reduce(layer_params: list[Tensor], dp, tp):
+    """The one collective under AutoTP: every layer's ``Σ|θ|`` summed over the whole tensor × data-parallel mesh,
+    a layer AutoTP replicates counted on tensor-parallel rank 0 only, then scaled by ``local numel / whole numel``
+    so that the layout's (local) numel divides it into the mean over the whole layer."""
+    tp_size, tp_rank, dp_size = dist.get_world_size(group=tp), dist.get_rank(group=tp), dist.get_world_size(group=dp)
+    if tp_size * dp_size != dist.get_world_size():
+        raise ValueError(f'"tensor_parallel.autotp_size" = {tp_size} with {dp_size} data-parallel ranks covers '
+                         f"{tp_size * dp_size} of the {dist.get_world_size()} ranks (pipeline or other model "
+                         f"parallelism): AdamHD supports AutoTP only where tensor x data parallel is the whole world")
+    sliced = torch.tensor([_compat.is_tp_sliced(p) for p in layer_params], dtype=torch.bool)
+    local = torch.tensor([float(p.numel()) for p in layer_params], dtype=torch.float64)
+    whole = torch.where(sliced, local, torch.zeros_like(local))
+    dist.all_reduce(whole, group=tp)  # a split layer's numel is the sum of its slices (AutoTP may split unevenly)
+    whole = torch.where(sliced, whole, local)
+    weight = torch.where(sliced, torch.ones_like(local), torch.full_like(local, 1.0 if tp_rank == 0 else 0.0))
+    scale = local / whole
+    world_sum = _all_reduce_fn(dist.group.WORLD)
+
+    def reduce(sums: Tensor) -> Tensor:
+        return world_sum(sums * weight.to(sums.device)) * scale.to(sums.device)
+    return reduce
 
 
 def _layout_stage12(view: _compat.Stage12View, names: dict[int, str], rank: int):

@@ -25,7 +25,7 @@ from torch import Tensor
 __all__ = ["TESTED", "VERSION_ENV", "check_version", "ZeroKind", "zero_kind", "Stage12View", "stage12_view",
            "Stage3SubGroup", "stage3_view", "unfused_copies", "dp_group", "set_engine_counters",
            "refresh_low_precision", "write_frozen_partition", "saved_partitions", "frozen_fragments",
-           "is_engine", "whole_numel", "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
+           "is_engine", "whole_numel", "tp_group", "is_tp_sliced", "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
 
 #: DeepSpeed versions whose internals this module reads (tested: 0.19.8); the same range as pyproject's extra
 TESTED = ">=0.19,<0.20"
@@ -94,6 +94,28 @@ def zero_kind(zopt: Any) -> str:
 def dp_group(zopt: Any):
     """The data-parallel process group whose ranks share the partitions."""
     return zopt.dp_process_group
+
+
+def is_tp_sliced(p: Tensor) -> bool:
+    """Whether AutoTP holds only a slice of ``p`` on each tensor-parallel rank: it marks the weights of the
+    layers it splits (``LinearLayer``, ``LinearAllreduce``, the vocab-parallel embeddings) and the biases of the
+    column-wise ones with ``tensor_model_parallel = True``; everything else (norms, row-wise biases, layers it keeps
+    whole) is replicated over the tensor-parallel group."""
+    from deepspeed.module_inject.layers import DS_TENSOR_MODEL_PARALLEL
+
+    return bool(getattr(p, DS_TENSOR_MODEL_PARALLEL, False))
+
+
+def tp_group(params) -> Any:
+    """AutoTP's tensor-parallel process group (``deepspeed.utils.groups``), or None where no param is sliced or
+    the group has one rank."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if not any(is_tp_sliced(p) for p in params):
+        return None
+    group = groups.get_tensor_model_parallel_group()
+    return group if dist.get_world_size(group=group) > 1 else None
 
 
 @dataclass
