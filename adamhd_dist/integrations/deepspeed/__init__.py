@@ -253,6 +253,8 @@ def attach(engine, *, module: torch.nn.Module | None = None) -> AdamHD:
     """
     _compat.check_version()
     engine, zopt, module, opt = _resolve(engine, module)
+    if engine is not None and getattr(zopt, "_adamhd_attached", None) is not opt:
+        _check_pipeline_groups(engine, opt)
     if getattr(zopt, "_adamhd_attached", None) is not opt:
         _attach_layout(zopt, opt, module)
         zopt._adamhd_attached = opt
@@ -261,6 +263,22 @@ def attach(engine, *, module: torch.nn.Module | None = None) -> AdamHD:
         if opt.layer_stats.flat:
             wrap_checkpointing(engine, opt, _compat.dp_group(zopt))
     return opt
+
+
+def _check_pipeline_groups(engine, opt: AdamHD) -> None:
+    """Under a pipeline, ZeRO sums the gradient norm over the stages once per param group: stages with different
+    numbers of groups would wait on each other forever at the first step. Refused here instead, on every rank."""
+    stages = _compat.pipeline_stage(engine)
+    if stages is None:
+        return
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (stages[0], len(opt.param_groups)))
+    per_stage = dict(sorted(set(counts)))
+    if len(set(per_stage.values())) > 1 or len(per_stage) != stages[1]:
+        raise ValueError(f"every pipeline stage needs the same number of optimizer param groups (DeepSpeed reduces "
+                         f"the gradient norm across stages once per group); param groups per stage: {per_stage}. "
+                         f"A stage without weight-decayed parameters gets no decay group from param_groups: give "
+                         f"every stage a decayed layer, or the same groups through model_parameters")
 
 
 def _names_by_id(module: torch.nn.Module | None) -> dict[int, str]:

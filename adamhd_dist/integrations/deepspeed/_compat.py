@@ -91,6 +91,14 @@ def zero_kind(zopt: Any) -> str:
     return ZeroKind.PLAIN
 
 
+def pipeline_stage(engine: Any) -> tuple[int, int] | None:
+    """(this rank's stage, number of stages) of a ``PipelineEngine`` with more than one stage, else None."""
+    stages = getattr(engine, "num_stages", None)
+    if not isinstance(stages, int) or stages < 2:
+        return None
+    return int(engine.stage_id), stages
+
+
 def dp_group(zopt: Any):
     """The data-parallel process group whose ranks share the partitions."""
     return zopt.dp_process_group

@@ -39,6 +39,13 @@ def _atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
+def _side_file(engine) -> str:
+    """The side file's name in a tag folder: one per pipeline stage (each stage holds other layers, its μ is
+    written by the stage's first data-parallel rank), else one for the whole run."""
+    stages = _compat.pipeline_stage(engine)
+    return LAYER_STATE_FILE if stages is None else f"adamhd_layer_state.stage{stages[0]}.pt"
+
+
 def _side_info(engine, opt: AdamHD, group) -> dict:
     return {"layer_state": opt.layer_state.state_dict(), "world_size": dist.get_world_size(group=group),
             "zero_stage": engine.zero_optimization_stage(), "format": 1}
@@ -54,8 +61,9 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
     def save_checkpoint(save_dir, tag=None, *args, **kwargs):
         tag = f"global_step{engine.global_steps}" if tag is None else tag
         out = save(save_dir, tag, *args, **kwargs)
-        if dist.get_rank() == 0:
-            _atomic_torch_save(_side_info(engine, opt, group), Path(save_dir) / str(tag) / LAYER_STATE_FILE)
+        writer = dist.get_rank() == 0 if _compat.pipeline_stage(engine) is None else dist.get_rank(group=group) == 0
+        if writer:
+            _atomic_torch_save(_side_info(engine, opt, group), Path(save_dir) / str(tag) / _side_file(engine))
         dist.barrier()
         return out
 
@@ -67,7 +75,7 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
             if not latest.is_file():
                 return load(load_dir, tag, *args, **kwargs)
             tag = latest.read_text().strip()
-        side = _read_side(Path(load_dir) / str(tag) / LAYER_STATE_FILE)
+        side = _read_side(Path(load_dir) / str(tag) / _side_file(engine))
         world = dist.get_world_size(group=group)
         wants_optim = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
         if side is not None and wants_optim and side["world_size"] != world:
