@@ -594,3 +594,86 @@ def test_make_run_uses_the_deepspeed_launcher_on_two_cpu_ranks():
     assert "deepspeed --num_gpus 2" in recipe and "launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json" \
         in recipe.replace("\\\n\t\t", "")
     assert "CUDA_VISIBLE_DEVICES=" in recipe
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model parallelism: --tp/--pp checked and planned at resolution, before any rank starts (no launch)
+ZERO1_CFG = str(ROOT / "ds_configs/zero1_adamhd.json")
+ZERO2_CFG = str(ROOT / "ds_configs/zero2_adamhd.json")
+
+
+@pytest.mark.parametrize("given, world, message", [
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 3}, 6,
+     "--tp 3 must divide the 40 attention heads of gpt3-13b (each rank holds whole heads); allowed: [1, 2, 4, 5, 8, "
+     "10, 20, 40]"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "nano", "tp": 2}, 3,
+     "the world size (3 ranks) must be a multiple of --tp 2 × --pp 1 = 2"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-175b", "tp": 8, "pp": 4}, 16,
+     "the world size (16 ranks) must be a multiple of --tp 8 × --pp 4 = 32"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "nano", "pp": 9}, 9, "--pp 9: nano has"),
+    ({"deepspeed_config": ZERO2_CFG, "model": "gpt3-13b", "pp": 2}, 8,
+     "--pp 2 with ZeRO stage 2 (--deepspeed " + ZERO2_CFG + "): DeepSpeed's pipeline engine allows ZeRO stage 0 "
+     "or 1 only"),
+    ({"deepspeed_config": str(ROOT / "ds_configs/zero3_adamhd.json"), "model": "gpt3-13b", "pp": 2}, 8,
+     "--pp 2 with ZeRO stage 3"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-175b", "tp": 8, "pp": 16}, 256,
+     "--pp 16: pipeline stages are not yet supported by the launcher (planned: DeepSpeed PipelineModule, ZeRO-0/1; "
+     "the grid would be dp 2 × tp 8 × pp 16)"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-13b", "tp": 8}, 16,
+     "--tp 8 with --deepspeed: not yet supported by the launcher. DeepSpeed AutoTP refuses the GPT-2 blocks"),
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 8}, 16,
+     "--tp 8 with --fsdp: FSDP2 × tensor parallel is not yet supported by the launcher (the grid would be dp 2 × "
+     "tp 8"),
+    ({"fsdp": True, "tp": 0}, 2, "--tp must be a positive integer, got 0"),
+])
+def test_model_parallel_layouts_are_checked_before_any_rank_starts(given, world, message):
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(given, _ctx(world, gpu=True))
+    assert message in str(e.value), str(e.value)
+
+
+def test_tp_and_pp_of_one_plan_the_batch_over_data_parallel_ranks():
+    run = resolve_settings({"deepspeed_config": ZERO1_CFG, "model": "nano", "tp": 1, "pp": 1, "seq_len": 64,
+                            "global_batch_tokens": 1024, "micro_batch": 4}, _ctx(2))
+    assert (run.settings.tp, run.settings.pp) == (1, 1)
+    assert (run.derived["dp"], run.derived["tp"], run.derived["pp"]) == (2, 1, 1)
+    assert (run.plan.world_size, run.plan.grad_accum_steps) == (2, 2)
+    assert "tensor_parallel" not in run.ds_config and run.ds_config["train_batch_size"] == 4 * 2 * 2
+    # a manifest written before --tp/--pp existed ran at tp = pp = 1
+    settings = run.settings.to_dict()
+    del settings["tp"], settings["pp"]
+    again = resolve_settings({}, _ctx(2), base=settings, base_ds_source=run.ds_config_source)
+    assert (again.settings.tp, again.settings.pp) == (1, 1)
+
+
+def test_autotp_config_counts_every_rank_in_deepspeeds_batch_check():
+    """DeepSpeed checks train_batch_size against every rank when AutoTP builds its groups (no mpu), the tp
+    copies included; --tp sets autotp_size and replaces a config's own (with a note)."""
+    from adamhd_train.engine import deepspeed_config_for
+
+    source = {"optimizer": {"type": "AdamHD", "params": {}}, "tensor_parallel": {"autotp_size": 4}}
+    cfg, notes = deepspeed_config_for(source, micro_batch=4, grad_accum_steps=2, world_size=3, dtype="fp32",
+                                      grad_clip=1.0, lr=1e-3, weight_decay=0.1, on_gpu=True, tp=2)
+    assert cfg["tensor_parallel"] == {"autotp_size": 2} and cfg["train_batch_size"] == 4 * 2 * 3 * 2
+    assert "tensor_parallel.autotp_size 4 -> 2 (--tp)" in notes
+    cfg, _ = deepspeed_config_for({"optimizer": {"type": "AdamHD"}}, micro_batch=4, grad_accum_steps=2,
+                                  world_size=3, dtype="fp32", grad_clip=1.0, lr=1e-3, weight_decay=0.1,
+                                  on_gpu=True)
+    assert "tensor_parallel" not in cfg and cfg["train_batch_size"] == 24
+
+
+def test_large_presets_print_a_suggested_layout_for_8_gpu_nodes():
+    from adamhd_train.layouts import describe_layout, suggested_layout
+
+    assert suggested_layout("gpt3-13b", 64)[:3] == (8, 1, 8)
+    assert suggested_layout("gpt3-175b", 256)[:3] == (8, 16, 2)
+    assert suggested_layout("gpt3-175b", 64) is None and suggested_layout("gpt3-small", 8) is None
+    for name in ("gpt3-13b", "gpt3-175b"):
+        tp, pp, _ = __import__("adamhd_train.layouts", fromlist=["x"]).SUGGESTED_LAYOUTS[name]
+        spec = __import__("adamhd_train.models", fromlist=["x"]).model_spec(name)
+        assert spec.n_head % tp == 0 and spec.n_layer % pp == 0, name  # the suggestion passes --tp/--pp's checks
+    assert describe_layout("gpt3-175b").startswith("suggested layout for gpt3-175b on 8-GPU nodes: tp 8 × pp 16 "
+                                                   "× dp N (128 GPUs = 16 node(s) per replica)")
+    assert describe_layout("nano") == ""
+    help_text = cli.build_parser().format_help()
+    assert "--tp TP" in help_text and "--pp PP" in help_text
