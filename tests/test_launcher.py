@@ -94,6 +94,8 @@ def test_deepspeed_launcher_end_to_end(ds_run):
     for printed in ("global batch 1,024 tokens = 16 sequences x 64 tokens = micro-batch 4 x 2 rank(s) x 2",
                     "tokens per step 1,024; micro-batch 4 (256 tokens per rank); gradient accumulation 2; "
                     "world size 2",
+                    "ranks: dp 2 × tp 1 × pp 1 = 2; 8 sequences per data-parallel rank per step (4 per "
+                    "micro-step x 2)",
                     "decayed (matrices, embeddings):", "the config asks for bf16; training in fp32",
                     "engine: DeepSpeed ZeRO-2", "MFU: CPU estimate", "train loss"):
         assert printed in text, printed
@@ -677,3 +679,15 @@ def test_large_presets_print_a_suggested_layout_for_8_gpu_nodes():
     assert describe_layout("nano") == ""
     help_text = cli.build_parser().format_help()
     assert "--tp TP" in help_text and "--pp PP" in help_text
+
+
+def test_run_summary_of_a_large_preset_names_its_suggested_layout():
+    from types import SimpleNamespace
+
+    from adamhd_train.describe import _model_lines
+
+    run = resolve_settings({"deepspeed_config": ZERO1_CFG, "model": "gpt3-13b"}, _ctx(8, gpu=True))
+    lines = _model_lines(run, SimpleNamespace(vocab_size=50257), torch.nn.Linear(2, 2), [])
+    assert lines[-1] == ("  suggested layout for gpt3-13b on 8-GPU nodes: tp 8 × pp 1 × dp N (8 GPUs = 1 node(s) "
+                         "per replica); 13B × 16 bytes / 8 GPUs = 26 GB of weights and optimizer state per GPU: one "
+                         "node holds a replica, so no pipeline (--tp/--pp: checked, not yet run by this launcher)")
