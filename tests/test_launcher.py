@@ -691,3 +691,54 @@ def test_run_summary_of_a_large_preset_names_its_suggested_layout():
     assert lines[-1] == ("  suggested layout for gpt3-13b on 8-GPU nodes: tp 8 × pp 1 × dp N (8 GPUs = 1 node(s) "
                          "per replica); 13B × 16 bytes / 8 GPUs = 26 GB of weights and optimizer state per GPU: one "
                          "node holds a replica, so no pipeline (--tp/--pp: checked, not yet run by this launcher)")
+
+
+def test_linear_blocks_keep_the_models_output_and_split_qkv_by_heads():
+    """The GPT-2 blocks as nn.Linear modules (what ColwiseParallel/RowwiseParallel take): same logits and loss
+    as the Conv1D model, q/k/v separate so a colwise cut holds whole heads of each; simulated here on one process
+    by cutting every block's q/k/v/fc colwise and proj rowwise into 2 "ranks" and summing their outputs."""
+    import copy
+
+    from adamhd_train.engine import window_loss
+    from adamhd_train.models import build_model
+    from adamhd_train.tp import SplitQKV, linear_blocks, set_local_heads
+
+    torch.manual_seed(0)
+    ref = build_model("nano", vocab_size=512, context=64, seed=3).eval()
+    lin = linear_blocks(copy.deepcopy(ref)).eval()
+    window = torch.randint(0, 512, (2, 65))
+    with torch.no_grad():
+        a, b = ref(input_ids=window[:, :-1]).logits, lin(input_ids=window[:, :-1]).logits
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+        assert abs(window_loss(ref, window).item() - window_loss(lin, window).item()) <= 1e-6
+    block = lin.transformer.h[0]
+    assert isinstance(block.attn.c_attn, SplitQKV) and isinstance(block.mlp.c_fc, torch.nn.Linear)
+    assert "transformer.h.0.attn.c_attn.q.weight" in dict(lin.named_parameters())
+
+    # two "tp ranks" by hand: rank r keeps heads [r·H/2, (r+1)·H/2) of q, k, v and the matching proj columns
+    tp, d = 2, block.attn.embed_dim
+    x = torch.randn(2, 64, d)
+    with torch.no_grad():
+        full = block.attn(x)[0]
+        parts = []
+        for r in range(tp):
+            shard = copy.deepcopy(block.attn)
+            rows = slice(r * d // tp, (r + 1) * d // tp)
+            for name in ("q", "k", "v"):
+                old = getattr(shard.c_attn, name)
+                new = torch.nn.Linear(d, d // tp)
+                new.weight.copy_(old.weight[rows]), new.bias.copy_(old.bias[rows])
+                setattr(shard.c_attn, name, new)
+            proj = torch.nn.Linear(d // tp, d)
+            proj.weight.copy_(shard.c_proj.weight[:, rows])
+            proj.bias.copy_(shard.c_proj.bias if r == 0 else torch.zeros(d))  # rowwise: the bias once
+            shard.c_proj = proj
+            wrapper = torch.nn.Module()
+            wrapper.transformer = torch.nn.Module()
+            wrapper.transformer.h = [torch.nn.Module()]
+            wrapper.transformer.h[0].attn = shard
+            set_local_heads(wrapper, tp)
+            parts.append(shard(x)[0])
+        assert (sum(parts) - full).abs().max().item() <= 1e-5 * full.abs().max().item()
+    with pytest.raises(ValueError, match="tp: 3 must divide the 4 heads"):
+        set_local_heads(lin, 3)
