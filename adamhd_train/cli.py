@@ -45,6 +45,7 @@ def port(text: str) -> int:
 _GROUPS = (
     ("model", ("model", "dtype", "activation_checkpointing")),
     ("batch", ("global_batch_tokens", "seq_len", "micro_batch")),
+    ("model parallelism", ("tp", "pp")),
     ("optimizer and schedule", ("lr", "weight_decay", "grad_clip", "warmup_tokens", "decay_tokens", "min_lr_ratio",
                                 "ramp_tokens", "ramp_start_tokens", "max_steps", "seed")),
     ("data", ("data", "tokenizer", "vocab_size", "max_chars", "val_fraction", "data_cache")),

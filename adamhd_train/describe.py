@@ -14,6 +14,7 @@ from typing import Optional
 
 from adamhd_dist import AdamHD
 
+from .layouts import describe_layout
 from .metrics import delta_summary
 from .models import GPT3_VOCAB_SIZE, count_parameters, model_spec
 from .ranks import LaunchContext
@@ -46,6 +47,9 @@ def _model_lines(run: ResolvedRun, data, model, groups) -> list[str]:
         lines.append(f"  at GPT-3's vocabulary {GPT3_VOCAB_SIZE:,} and context {spec.context:,}: {table:,} "
                      f"parameters (table: {spec.nominal_params / 1e6:,.0f}M, "
                      f"{100 * (table / spec.nominal_params - 1):+.1f}%)")
+    layout = describe_layout(s.model)
+    if layout:
+        lines.append(f"  {layout} (--tp/--pp: checked, not yet run by this launcher)")
     return lines
 
 
@@ -55,7 +59,11 @@ def _batch_lines(run: ResolvedRun, ctx: LaunchContext) -> list[str]:
     lines = [f"batch: {plan.describe()}",
              f"  tokens per step {plan.tokens_per_step:,}; micro-batch {plan.micro_batch} "
              f"({plan.tokens_per_rank_micro_batch:,} tokens per rank); gradient accumulation "
-             f"{plan.grad_accum_steps}; world size {ctx.world_size}"]
+             f"{plan.grad_accum_steps}; world size {ctx.world_size}",
+             f"  ranks: dp {d.get('dp', ctx.world_size)} × tp {s.tp} × pp {s.pp} = {ctx.world_size}; "
+             f"{plan.global_batch_sequences // plan.world_size:,} sequences per data-parallel rank per step "
+             f"({plan.micro_batch} per micro-step x {plan.grad_accum_steps})"
+             + ("; the ranks of one tensor-parallel group read the same batch" if s.tp > 1 else "")]
     if s.ramp_tokens:
         lines.append(f"  batch ramp: {run.ramp.effective_start_tokens:,} -> {plan.tokens_per_step:,} tokens over the "
                      f"first {s.ramp_tokens:,} tokens ({d['ramp_steps']:,} steps){_source(src, 'ramp_tokens')}")
@@ -94,7 +102,8 @@ def _run_lines(run: ResolvedRun, data) -> list[str]:
 def describe_start(run: ResolvedRun, ctx: LaunchContext, data, model, groups, resume_from, peak_note: str) -> str:
     """The run's derived numbers, printed by rank 0 before the first step."""
     s, d = run.settings, run.derived
-    engine = (f"DeepSpeed ZeRO-{d.get('zero_stage', 0)} ({s.deepspeed_config}), optimizer {d['optimizer_type']}"
+    engine = (f"DeepSpeed ZeRO-{d.get('zero_stage', 0)} ({s.deepspeed_config})"
+              + (f" with AutoTP over {s.tp} ranks" if s.tp > 1 else "") + f", optimizer {d['optimizer_type']}"
               if s.launch == "deepspeed" else "FSDP2 (fully_shard per block), optimizer AdamHD")
     lines = [f"engine: {engine}; {ctx.world_size} rank(s) on {'GPU' if ctx.on_gpu else 'CPU'} "
              f"({'nccl' if ctx.on_gpu else 'gloo'}), started by {ctx.launcher}"]

@@ -92,11 +92,14 @@ def deepspeed_config_for(
     weight_decay: Optional[float],
     on_gpu: bool,
     num_params: Optional[int] = None,
+    tp: int = 1,
 ) -> tuple[dict, list[str]]:
     """The config to pass to DeepSpeed for this run, and the notes to print about what was changed.
 
     Sets ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size`` from the batch
-    plan (the full batch; the ramp changes the accumulation per step), ``bf16``/``fp16`` from ``dtype``,
+    plan (the full batch; the ramp changes the accumulation per step; ``world_size`` is the data-parallel size),
+    ``tensor_parallel.autotp_size`` from ``tp`` (DeepSpeed AutoTP; 1 leaves a config without the section unchanged),
+    ``bf16``/``fp16`` from ``dtype``,
     ``gradient_clipping``, and the optimizer's ``lr`` (and ``weight_decay`` when given). On a CPU-only machine it
     also drops ``pin_memory`` from offload sections and caps bucket sizes at the model size (a ZeRO bucket is
     allocated in full on every rank). Raises ``ValueError`` for a config the launcher cannot run: a
@@ -117,10 +120,18 @@ def deepspeed_config_for(
     old = {k: cfg.get(k) for k in RECIPE_KEYS}
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum_steps
-    cfg["train_batch_size"] = micro_batch * grad_accum_steps * world_size
+    # DeepSpeed checks train_batch_size at config time against every rank when AutoTP builds its own groups (no
+    # mpu yet), the tp copies of one data-parallel rank included; the engine then steps over the dp group.
+    cfg["train_batch_size"] = micro_batch * grad_accum_steps * world_size * tp
     changed = [f"{k} {old[k]} -> {cfg[k]}" for k in RECIPE_KEYS if old[k] is not None and old[k] != cfg[k]]
     if changed:
         notes.append("batch numbers from the recipe replace the config's: " + ", ".join(changed))
+    tp_sec = cfg.get("tensor_parallel")
+    old_tp = tp_sec.get("autotp_size") if isinstance(tp_sec, dict) else None
+    if tp > 1 or old_tp not in (None, 1):
+        if old_tp is not None and old_tp != tp:
+            notes.append(f"tensor_parallel.autotp_size {old_tp} -> {tp} (--tp)")
+        cfg["tensor_parallel"] = {**(tp_sec if isinstance(tp_sec, dict) else {}), "autotp_size": tp}
     for key in ("bf16", "bfloat16", "fp16"):
         if isinstance(cfg.get(key), dict):
             cfg[key]["enabled"] = False

@@ -7,7 +7,9 @@ from the options (None = not given), the model table, the DeepSpeed config and t
 - :func:`resolve_engine`: DeepSpeed (``--deepspeed CONFIG``) or FSDP2 (``--fsdp``), and the launcher they need;
 - :func:`resolve_model`: the size (GPT-3 table or a CPU size), the default by hardware;
 - :func:`resolve_data`: corpus, tokenizer, vocabulary;
-- :func:`resolve_batch`: the global batch in tokens -> micro-batch x ranks x accumulation;
+- :func:`resolve_parallel`: tensor-parallel and pipeline degrees (``--tp``, ``--pp``) against the model, the world
+  size and the engine; the data-parallel size ``world / (tp · pp)`` is what the batch is cut over;
+- :func:`resolve_batch`: the global batch in tokens -> micro-batch x data-parallel ranks x accumulation;
 - :func:`resolve_optimizer`: LR, weight decay, clipping (from the options, the config, GPT-3);
 - :func:`resolve_precision`: fp32/bf16/fp16 from the option, the config and the hardware;
 - :func:`resolve_schedule`: run length, LR warmup and decay, batch-size ramp, scaled to the run;
@@ -127,12 +129,14 @@ def resolve_settings(
     engine, ds_source = resolve_engine(r)
     model, spec = resolve_model(r)
     data = resolve_data(r, cpu_size=spec.nominal_params is None)
-    batch = resolve_batch(r, spec, ds_source)
+    parallel = resolve_parallel(r, spec, engine["launch"], ds_source)
+    batch = resolve_batch(r, spec, ds_source, dp=r.ctx.world_size // (parallel["tp"] * parallel["pp"]))
     optimizer = resolve_optimizer(r, spec, ds_source)
     precision = resolve_precision(r, engine["launch"], ds_source)
     schedule = resolve_schedule(r, model["model"], batch, cpu_size=spec.nominal_params is None)
     output = resolve_output(r, model["model"], engine["deepspeed_config"], schedule["max_steps"])
-    s = TrainSettings(**engine, **model, **data, **batch, **optimizer, **precision, **schedule, **output)
+    s = TrainSettings(**engine, **model, **data, **parallel, **batch, **optimizer, **precision, **schedule,
+                      **output)
     if s.launch == "fsdp":
         r.derived["adamhd_kwargs"] = dict(lr=s.lr, betas=list(GPT3_BETAS), eps=GPT3_EPS, weight_decay=s.weight_decay)
     return finish_run(s, ctx, ds_source, r.notes, r.derived, from_manifest=False)
@@ -257,9 +261,10 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def resolve_batch(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict]) -> dict[str, Any]:
+def resolve_batch(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict], *, dp: int) -> dict[str, Any]:
     """``seq_len``, ``global_batch_tokens`` (default: the model's, GPT-3 table) and ``micro_batch`` (default: the
-    config's, or 8, lowered to divide the sequences per rank)."""
+    config's, or 8, lowered to divide the sequences per data-parallel rank); ``dp`` is the data-parallel size,
+    the world size over ``tp · pp``."""
     ctx = r.ctx
     seq_len = positive_int("seq_len", r.given.get("seq_len", spec.context))
     global_tokens = positive_int("global_batch_tokens", r.given.get("global_batch_tokens", spec.batch_tokens))
@@ -267,11 +272,12 @@ def resolve_batch(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict]) ->
         raise SettingsError(f"--global-batch-tokens ({global_tokens:,}) must be a multiple of --seq-len ({seq_len}); "
                             f"nearest: {max(1, global_tokens // seq_len) * seq_len:,}")
     sequences = global_tokens // seq_len
-    if sequences % ctx.world_size:
-        raise SettingsError(f"the world size ({ctx.world_size} ranks) must divide the global batch of {sequences} "
+    ranks = "the world size" if dp == ctx.world_size else f"the data-parallel size (world {ctx.world_size} / tp · pp)"
+    if sequences % dp:
+        raise SettingsError(f"{ranks} ({dp} ranks) must divide the global batch of {sequences} "
                             f"sequences (--global-batch-tokens {global_tokens:,} / --seq-len {seq_len}); use "
-                            f"a multiple of {ctx.world_size * seq_len:,} tokens")
-    per_rank = sequences // ctx.world_size
+                            f"a multiple of {dp * seq_len:,} tokens")
+    per_rank = sequences // dp
     if "micro_batch" in r.given:
         micro = positive_int("micro_batch", r.given["micro_batch"])
     else:
@@ -284,10 +290,57 @@ def resolve_batch(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict]) ->
             r.notes.append(f"micro-batch {micro} ({origin} {wanted} does not divide the {per_rank} sequences "
                            f"per rank; --micro-batch)")
     try:
-        batch_plan(global_tokens, seq_len=seq_len, micro_batch=micro, world_size=ctx.world_size)
+        batch_plan(global_tokens, seq_len=seq_len, micro_batch=micro, world_size=dp)
     except ValueError as e:
         raise SettingsError(f"--micro-batch: {e}") from None
     return {"seq_len": seq_len, "global_batch_tokens": global_tokens, "micro_batch": micro}
+
+
+def _zero_stage(ds_source: Optional[dict]) -> int:
+    z = (ds_source or {}).get("zero_optimization", {})
+    stage = z.get("stage", 0) if isinstance(z, dict) else 0
+    return stage if isinstance(stage, int) else 0
+
+
+def resolve_parallel(r: _Resolution, spec: ModelSpec, launch: str, ds_source: Optional[dict]) -> dict[str, int]:
+    """``tp`` and ``pp`` (default 1 each), checked before any rank starts: tp must divide the heads (each rank
+    holds whole heads; d_model is heads × head width, so tp then divides the MLP width 4·d_model too), pp at most
+    the blocks, tp · pp the world size (the rest is data parallel), and pipelines refuse ZeRO-2/3 (DeepSpeed's
+    pipeline engine partitions optimizer state only). Pipelines, and tensor parallelism under either engine, are
+    not yet run by the launcher: after those checks they are refused, naming the grid and why."""
+    tp = positive_int("tp", r.given.get("tp", 1))
+    pp = positive_int("pp", r.given.get("pp", 1))
+    world = r.ctx.world_size
+    if spec.n_head % tp:
+        raise SettingsError(f"--tp {tp} must divide the {spec.n_head} attention heads of {spec.name} (each rank "
+                            f"holds whole heads); allowed: {_divisors_of(spec.n_head)}")
+    if pp > 1 and pp > spec.n_layer:
+        raise SettingsError(f"--pp {pp}: {spec.name} has {spec.n_layer} blocks, fewer than the pipeline stages")
+    if world % (tp * pp):
+        raise SettingsError(f"the world size ({world} ranks) must be a multiple of --tp {tp} × --pp {pp} = "
+                            f"{tp * pp}: the ranks form a dp × tp × pp grid")
+    stage = _zero_stage(ds_source)
+    if pp > 1 and launch == "deepspeed" and stage >= 2:
+        raise SettingsError(f"--pp {pp} with ZeRO stage {stage} (--deepspeed {r.given.get('deepspeed_config')}): "
+                            f"DeepSpeed's pipeline engine allows ZeRO stage 0 or 1 only")
+    if pp > 1:
+        raise SettingsError(f"--pp {pp}: pipeline stages are not yet supported by the launcher (planned: DeepSpeed "
+                            f"PipelineModule, ZeRO-0/1; the grid would be dp {world // (tp * pp)} × tp {tp} × pp "
+                            f"{pp}); use --pp 1")
+    if tp > 1 and launch == "deepspeed":
+        raise SettingsError(f"--tp {tp} with --deepspeed: not yet supported by the launcher. DeepSpeed AutoTP "
+                            f"refuses the GPT-2 blocks it trains (\"AutoTP not supported for model. Please use "
+                            f"kernel injection since container policy for model exists.\": GPT-2 has an inference "
+                            f"kernel policy, and its fused qkv Conv1D needs a head-aware split); use --tp 1")
+    if tp > 1 and launch == "fsdp":
+        raise SettingsError(f"--tp {tp} with --fsdp: FSDP2 × tensor parallel is not yet supported by the launcher "
+                            f"(the grid would be dp {world // tp} × tp {tp}: the GPT-2 blocks' fused qkv Conv1D "
+                            f"needs a head-aware split into nn.Linear first); use --tp 1")
+    return {"tp": tp, "pp": pp}
+
+
+def _divisors_of(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def resolve_optimizer(r: _Resolution, spec: ModelSpec, ds_source: Optional[dict]) -> dict[str, Any]:
@@ -433,11 +486,15 @@ def finish_run(s: TrainSettings, ctx: LaunchContext, ds_source: Optional[dict], 
                *, from_manifest: bool) -> ResolvedRun:
     """The checks and derived values shared by a new job and a job rebuilt from a manifest."""
     spec = _spec(s.model)
+    dp = ctx.world_size // (s.tp * s.pp)
+    if ctx.world_size % (s.tp * s.pp):
+        raise SettingsError(f"the world size ({ctx.world_size} ranks) must be a multiple of --tp {s.tp} × --pp "
+                            f"{s.pp} = {s.tp * s.pp}" + (" (the manifest's job was planned for another world size)"
+                                                          if from_manifest else ""))
     if s.dtype == "fp16" and not ctx.on_gpu:
         raise SettingsError("the job trains in fp16, but this machine has no GPU: fp16 training needs a GPU")
     try:
-        plan = batch_plan(s.global_batch_tokens, seq_len=s.seq_len, micro_batch=s.micro_batch,
-                          world_size=ctx.world_size)
+        plan = batch_plan(s.global_batch_tokens, seq_len=s.seq_len, micro_batch=s.micro_batch, world_size=dp)
         ramp = BatchRamp(plan, start_tokens=s.ramp_start_tokens, ramp_tokens=s.ramp_tokens)
     except ValueError as e:
         hint = " (the manifest's job was planned for another world size)" if from_manifest else ""
@@ -456,6 +513,7 @@ def finish_run(s: TrainSettings, ctx: LaunchContext, ds_source: Optional[dict], 
         derived["optimizer_type"] = "AdamHD"
     derived.update({
         "world_size": ctx.world_size,
+        "dp": dp, "tp": s.tp, "pp": s.pp,
         "tokens_per_step": plan.tokens_per_step,
         "grad_accum_steps": plan.grad_accum_steps,
         "tokens_per_micro_step": plan.tokens_per_micro_step,
@@ -477,8 +535,8 @@ def deepspeed_run_config(s: TrainSettings, ctx: LaunchContext, ds_source: Option
     try:
         ds_config, ds_notes = deepspeed_config_for(
             ds_source, micro_batch=s.micro_batch, grad_accum_steps=plan.grad_accum_steps,
-            world_size=ctx.world_size, dtype=s.dtype, grad_clip=s.grad_clip, lr=s.lr,
-            weight_decay=s.weight_decay, on_gpu=ctx.on_gpu, num_params=approx_params)
+            world_size=plan.world_size, dtype=s.dtype, grad_clip=s.grad_clip, lr=s.lr,
+            weight_decay=s.weight_decay, on_gpu=ctx.on_gpu, num_params=approx_params, tp=s.tp)
     except ValueError as e:
         raise SettingsError(f"--deepspeed {s.deepspeed_config}: {e}") from None
     notes.extend(ds_notes)

@@ -119,6 +119,12 @@ class TrainSettings:
     peak_tflops: Optional[float] = option("peak TFLOP/s per rank for MFU",
                                           default_text="the GPU's data sheet, or a CPU estimate")
     tensorboard: bool = option("do not write TensorBoard scalars", flag="no-tensorboard", action="store_false")
+    # last, with defaults: a manifest written before they existed ran at tp = pp = 1
+    tp: int = option("tensor-parallel degree: ranks that split each block's matrices by heads; it must divide the "
+                     "heads, and tp × pp the world size. Checked and planned, not yet run: --tp above 1 is "
+                     "refused with the reason", default_text="1", default=1)
+    pp: int = option("pipeline stages (DeepSpeed, ZeRO-0/1); checked and planned, not yet run: --pp above 1 is "
+                     "refused with the reason", default_text="1", default=1)
 
     def __post_init__(self):
         if self.launch not in ("deepspeed", "fsdp"):
@@ -132,7 +138,7 @@ class TrainSettings:
                                 "gradients underflow; use --dtype bf16 (or fp32), or DeepSpeed (--deepspeed "
                                 "CONFIG), whose fp16 mode scales the loss")
         for name in ("seq_len", "global_batch_tokens", "micro_batch", "max_steps", "eval_interval",
-                     "eval_batches", "save_interval", "log_interval", "ramp_start_tokens"):
+                     "eval_batches", "save_interval", "log_interval", "ramp_start_tokens", "tp", "pp"):
             positive_int(name, getattr(self, name))
         for name in ("seed", "warmup_tokens", "decay_tokens", "ramp_tokens", "keep_checkpoints"):
             non_negative_int(name, getattr(self, name))
@@ -162,10 +168,10 @@ JOB_FIELDS = ("launch", "model", "seq_len", "global_batch_tokens", "lr", "weight
               "warmup_tokens", "decay_tokens", "min_lr_ratio", "ramp_tokens", "ramp_start_tokens", "dtype", "seed",
               "data", "tokenizer", "vocab_size", "max_chars", "val_fraction")
 """Settings that define the job: a run resumes only with the same values."""
-RUN_FIELDS = ("max_steps", "micro_batch", "deepspeed_config", "activation_checkpointing", "data_cache", "out_dir",
-              "resume", "eval_interval", "eval_batches", "save_interval", "log_interval", "keep_checkpoints",
+RUN_FIELDS = ("max_steps", "micro_batch", "tp", "pp", "deepspeed_config", "activation_checkpointing", "data_cache",
+              "out_dir", "resume", "eval_interval", "eval_batches", "save_interval", "log_interval", "keep_checkpoints",
               "exit_after_steps", "peak_tflops", "tensorboard")
-"""Settings that may differ between launches of one job (micro-batch: with the world size)."""
+"""Settings that may differ between launches of one job (micro-batch, tp and pp: with the world size)."""
 FROM_MANIFEST_OVERRIDES = ("out_dir", "resume", "data_cache", "max_steps", "exit_after_steps", "eval_interval",
                            "save_interval", "log_interval", "keep_checkpoints", "peak_tflops", "tensorboard")
 """Options that may be given together with ``--from-manifest`` (the others would make it another job)."""

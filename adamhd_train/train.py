@@ -242,6 +242,9 @@ class Trainer:
         init_process_group(self.s.launch, ctx, master_port)
         self.device = torch.device("cuda", torch.cuda.current_device()) if ctx.on_gpu else torch.device("cpu")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # the data-parallel coordinate: the ranks of one tensor-parallel group (consecutive ranks, DeepSpeed's
+        # ("data_parallel", "tensor_parallel") mesh) read the same batch
+        self.dp_rank, self.dp_world = self.rank // self.s.tp, self.world // self.s.tp
         self.resume_from = resume_from = self._verified(resume_from)
         self._build(eval_micro, on_model)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
@@ -273,10 +276,10 @@ class Trainer:
         self.engine = build_engine(s.launch, self.model, device=self.device, make_scheduler=make_scheduler,
                                    ds_config=self.run.ds_config, optimizer_kwargs=self.run.adamhd_kwargs,
                                    weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=s.dtype)
-        self.sampler = TokenSampler(self.data, seq_len=s.seq_len, micro_batch=s.micro_batch, rank=self.rank,
-                                    world_size=self.world, seed=s.seed)
-        self.val = ValBatches(self.data, seq_len=s.seq_len, micro_batch=eval_micro, rank=self.rank,
-                              world_size=self.world, max_batches=s.eval_batches)
+        self.sampler = TokenSampler(self.data, seq_len=s.seq_len, micro_batch=s.micro_batch, rank=self.dp_rank,
+                                    world_size=self.dp_world, seed=s.seed)
+        self.val = ValBatches(self.data, seq_len=s.seq_len, micro_batch=eval_micro, rank=self.dp_rank,
+                              world_size=self.dp_world, max_batches=s.eval_batches)
 
     def _verified(self, resume_from: Optional[tuple[int, Path]]) -> Optional[tuple[int, Path]]:
         """The checkpoint to resume from, verified against its checksums before the engine reads any of it: every

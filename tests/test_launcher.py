@@ -94,6 +94,8 @@ def test_deepspeed_launcher_end_to_end(ds_run):
     for printed in ("global batch 1,024 tokens = 16 sequences x 64 tokens = micro-batch 4 x 2 rank(s) x 2",
                     "tokens per step 1,024; micro-batch 4 (256 tokens per rank); gradient accumulation 2; "
                     "world size 2",
+                    "ranks: dp 2 × tp 1 × pp 1 = 2; 8 sequences per data-parallel rank per step (4 per "
+                    "micro-step x 2)",
                     "decayed (matrices, embeddings):", "the config asks for bf16; training in fp32",
                     "engine: DeepSpeed ZeRO-2", "MFU: CPU estimate", "train loss"):
         assert printed in text, printed
@@ -594,3 +596,149 @@ def test_make_run_uses_the_deepspeed_launcher_on_two_cpu_ranks():
     assert "deepspeed --num_gpus 2" in recipe and "launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json" \
         in recipe.replace("\\\n\t\t", "")
     assert "CUDA_VISIBLE_DEVICES=" in recipe
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model parallelism: --tp/--pp checked and planned at resolution, before any rank starts (no launch)
+ZERO1_CFG = str(ROOT / "ds_configs/zero1_adamhd.json")
+ZERO2_CFG = str(ROOT / "ds_configs/zero2_adamhd.json")
+
+
+@pytest.mark.parametrize("given, world, message", [
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 3}, 6,
+     "--tp 3 must divide the 40 attention heads of gpt3-13b (each rank holds whole heads); allowed: [1, 2, 4, 5, 8, "
+     "10, 20, 40]"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "nano", "tp": 2}, 3,
+     "the world size (3 ranks) must be a multiple of --tp 2 × --pp 1 = 2"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-175b", "tp": 8, "pp": 4}, 16,
+     "the world size (16 ranks) must be a multiple of --tp 8 × --pp 4 = 32"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "nano", "pp": 9}, 9, "--pp 9: nano has"),
+    ({"deepspeed_config": ZERO2_CFG, "model": "gpt3-13b", "pp": 2}, 8,
+     "--pp 2 with ZeRO stage 2 (--deepspeed " + ZERO2_CFG + "): DeepSpeed's pipeline engine allows ZeRO stage 0 "
+     "or 1 only"),
+    ({"deepspeed_config": str(ROOT / "ds_configs/zero3_adamhd.json"), "model": "gpt3-13b", "pp": 2}, 8,
+     "--pp 2 with ZeRO stage 3"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-175b", "tp": 8, "pp": 16}, 256,
+     "--pp 16: pipeline stages are not yet supported by the launcher (planned: DeepSpeed PipelineModule, ZeRO-0/1; "
+     "the grid would be dp 2 × tp 8 × pp 16)"),
+    ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-13b", "tp": 8}, 16,
+     "--tp 8 with --deepspeed: not yet supported by the launcher. DeepSpeed AutoTP refuses the GPT-2 blocks"),
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 8}, 16,
+     "--tp 8 with --fsdp: FSDP2 × tensor parallel is not yet supported by the launcher (the grid would be dp 2 × "
+     "tp 8"),
+    ({"fsdp": True, "tp": 0}, 2, "--tp must be a positive integer, got 0"),
+])
+def test_model_parallel_layouts_are_checked_before_any_rank_starts(given, world, message):
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(given, _ctx(world, gpu=True))
+    assert message in str(e.value), str(e.value)
+
+
+def test_tp_and_pp_of_one_plan_the_batch_over_data_parallel_ranks():
+    run = resolve_settings({"deepspeed_config": ZERO1_CFG, "model": "nano", "tp": 1, "pp": 1, "seq_len": 64,
+                            "global_batch_tokens": 1024, "micro_batch": 4}, _ctx(2))
+    assert (run.settings.tp, run.settings.pp) == (1, 1)
+    assert (run.derived["dp"], run.derived["tp"], run.derived["pp"]) == (2, 1, 1)
+    assert (run.plan.world_size, run.plan.grad_accum_steps) == (2, 2)
+    assert "tensor_parallel" not in run.ds_config and run.ds_config["train_batch_size"] == 4 * 2 * 2
+    # a manifest written before --tp/--pp existed ran at tp = pp = 1
+    settings = run.settings.to_dict()
+    del settings["tp"], settings["pp"]
+    again = resolve_settings({}, _ctx(2), base=settings, base_ds_source=run.ds_config_source)
+    assert (again.settings.tp, again.settings.pp) == (1, 1)
+
+
+def test_autotp_config_counts_every_rank_in_deepspeeds_batch_check():
+    """DeepSpeed checks train_batch_size against every rank when AutoTP builds its groups (no mpu), the tp
+    copies included; --tp sets autotp_size and replaces a config's own (with a note)."""
+    from adamhd_train.engine import deepspeed_config_for
+
+    source = {"optimizer": {"type": "AdamHD", "params": {}}, "tensor_parallel": {"autotp_size": 4}}
+    cfg, notes = deepspeed_config_for(source, micro_batch=4, grad_accum_steps=2, world_size=3, dtype="fp32",
+                                      grad_clip=1.0, lr=1e-3, weight_decay=0.1, on_gpu=True, tp=2)
+    assert cfg["tensor_parallel"] == {"autotp_size": 2} and cfg["train_batch_size"] == 4 * 2 * 3 * 2
+    assert "tensor_parallel.autotp_size 4 -> 2 (--tp)" in notes
+    cfg, _ = deepspeed_config_for({"optimizer": {"type": "AdamHD"}}, micro_batch=4, grad_accum_steps=2,
+                                  world_size=3, dtype="fp32", grad_clip=1.0, lr=1e-3, weight_decay=0.1,
+                                  on_gpu=True)
+    assert "tensor_parallel" not in cfg and cfg["train_batch_size"] == 24
+
+
+def test_large_presets_print_a_suggested_layout_for_8_gpu_nodes():
+    from adamhd_train.layouts import describe_layout, suggested_layout
+
+    assert suggested_layout("gpt3-13b", 64)[:3] == (8, 1, 8)
+    assert suggested_layout("gpt3-175b", 256)[:3] == (8, 16, 2)
+    assert suggested_layout("gpt3-175b", 64) is None and suggested_layout("gpt3-small", 8) is None
+    for name in ("gpt3-13b", "gpt3-175b"):
+        tp, pp, _ = __import__("adamhd_train.layouts", fromlist=["x"]).SUGGESTED_LAYOUTS[name]
+        spec = __import__("adamhd_train.models", fromlist=["x"]).model_spec(name)
+        assert spec.n_head % tp == 0 and spec.n_layer % pp == 0, name  # the suggestion passes --tp/--pp's checks
+    assert describe_layout("gpt3-175b").startswith("suggested layout for gpt3-175b on 8-GPU nodes: tp 8 × pp 16 "
+                                                   "× dp N (128 GPUs = 16 node(s) per replica)")
+    assert describe_layout("nano") == ""
+    help_text = cli.build_parser().format_help()
+    assert "--tp TP" in help_text and "--pp PP" in help_text
+
+
+def test_run_summary_of_a_large_preset_names_its_suggested_layout():
+    from types import SimpleNamespace
+
+    from adamhd_train.describe import _model_lines
+
+    run = resolve_settings({"deepspeed_config": ZERO1_CFG, "model": "gpt3-13b"}, _ctx(8, gpu=True))
+    lines = _model_lines(run, SimpleNamespace(vocab_size=50257), torch.nn.Linear(2, 2), [])
+    assert lines[-1] == ("  suggested layout for gpt3-13b on 8-GPU nodes: tp 8 × pp 1 × dp N (8 GPUs = 1 node(s) "
+                         "per replica); 13B × 16 bytes / 8 GPUs = 26 GB of weights and optimizer state per GPU: one "
+                         "node holds a replica, so no pipeline (--tp/--pp: checked, not yet run by this launcher)")
+
+
+def test_linear_blocks_keep_the_models_output_and_split_qkv_by_heads():
+    """The GPT-2 blocks as nn.Linear modules (what ColwiseParallel/RowwiseParallel take): same logits and loss
+    as the Conv1D model, q/k/v separate so a colwise cut holds whole heads of each; simulated here on one process
+    by cutting every block's q/k/v/fc colwise and proj rowwise into 2 "ranks" and summing their outputs."""
+    import copy
+
+    from adamhd_train.engine import window_loss
+    from adamhd_train.models import build_model
+    from adamhd_train.tp import SplitQKV, linear_blocks, set_local_heads
+
+    torch.manual_seed(0)
+    ref = build_model("nano", vocab_size=512, context=64, seed=3).eval()
+    lin = linear_blocks(copy.deepcopy(ref)).eval()
+    window = torch.randint(0, 512, (2, 65))
+    with torch.no_grad():
+        a, b = ref(input_ids=window[:, :-1]).logits, lin(input_ids=window[:, :-1]).logits
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+        assert abs(window_loss(ref, window).item() - window_loss(lin, window).item()) <= 1e-6
+    block = lin.transformer.h[0]
+    assert isinstance(block.attn.c_attn, SplitQKV) and isinstance(block.mlp.c_fc, torch.nn.Linear)
+    assert "transformer.h.0.attn.c_attn.q.weight" in dict(lin.named_parameters())
+
+    # two "tp ranks" by hand: rank r keeps heads [r·H/2, (r+1)·H/2) of q, k, v and the matching proj columns
+    tp, d = 2, block.attn.embed_dim
+    x = torch.randn(2, 64, d)
+    with torch.no_grad():
+        full = block.attn(x)[0]
+        parts = []
+        for r in range(tp):
+            shard = copy.deepcopy(block.attn)
+            rows = slice(r * d // tp, (r + 1) * d // tp)
+            for name in ("q", "k", "v"):
+                old = getattr(shard.c_attn, name)
+                new = torch.nn.Linear(d, d // tp)
+                new.weight.copy_(old.weight[rows]), new.bias.copy_(old.bias[rows])
+                setattr(shard.c_attn, name, new)
+            proj = torch.nn.Linear(d // tp, d)
+            proj.weight.copy_(shard.c_proj.weight[:, rows])
+            proj.bias.copy_(shard.c_proj.bias if r == 0 else torch.zeros(d))  # rowwise: the bias once
+            shard.c_proj = proj
+            wrapper = torch.nn.Module()
+            wrapper.transformer = torch.nn.Module()
+            wrapper.transformer.h = [torch.nn.Module()]
+            wrapper.transformer.h[0].attn = shard
+            set_local_heads(wrapper, tp)
+            parts.append(shard(x)[0])
+        assert (sum(parts) - full).abs().max().item() <= 1e-5 * full.abs().max().item()
+    with pytest.raises(ValueError, match="tp: 3 must divide the 4 heads"):
+        set_local_heads(lin, 3)

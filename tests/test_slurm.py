@@ -86,6 +86,7 @@ def repo(tmp_path):
     shutil.copy(SLURM_DIR / "plan.py", r / "launch" / "slurm" / "plan.py")
     (r / "adamhd_train").mkdir()
     shutil.copy(ROOT / "adamhd_train" / "ports.py", r / "adamhd_train" / "ports.py")  # the default port
+    shutil.copy(ROOT / "adamhd_train" / "layouts.py", r / "adamhd_train" / "layouts.py")  # suggested tp × pp
     (r / "launch" / "pretrain_gpt3.py").write_text("")
     (r / "ds_configs").mkdir()
     for name in ("zero2_adamhd.json", "zero3_adamhd.json"):
@@ -306,13 +307,35 @@ def test_scontrol_expands_the_nodelist_when_present(repo, fakebin):
     ("mpirun", {"CONTAINER_IMAGE": "ghcr.io/acme/adamhd-dist:cuda"}, "cannot start its ranks in a pyxis container"),
     ("torchrun", {"CONTAINER_IMAGE": "x.sif", "CONTAINER_RUNTIME": "docker"}, "CONTAINER_RUNTIME='docker'"),
     ("deepspeed", {"CONTAINER_RUNTIME": "pyxis"}, "CONTAINER_IMAGE is not"),
+    ("deepspeed", {"SLURM_GPUS_ON_NODE": "3"}, "--tp 4 × --pp 1 = 4 must divide the allocation's 6 GPUs"),
 ])
 def test_bad_input(repo, fakebin, name, env, message):
-    proc = run_script(name, repo, fakebin, TRAIN, **env)
+    proc = run_script(name, repo, fakebin, TRAIN + (["--tp", "4"] if "--tp" in message else []), **env)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.startswith("%s.sbatch: error: " % name)
     assert message in proc.stderr
+
+
+def test_tp_and_pp_pass_through_and_the_grid_is_printed(repo, fakebin):
+    """--tp/--pp reach every node's command unchanged (both spellings), the plan names dp × tp × pp, and the large
+    presets print their suggested layout at the allocation's size."""
+    args = ["--model", "gpt3-175b", "--tp=8", "--pp", "16", "--out-dir", "runs/175b"]
+    proc = run_script("deepspeed", repo, fakebin, args, SLURM_JOB_NODELIST="node[01-32]", SLURM_NNODES="32",
+                      SLURM_GPUS_ON_NODE="8")
+    assert proc.returncode == 0, proc.stderr
+    assert "ranks: dp 2 × tp 8 × pp 16 (--tp, --pp)" in proc.stdout
+    assert "suggested layout for gpt3-175b on 256 GPUs in 8-GPU nodes: tp 8 × pp 16 × dp 2" in proc.stdout
+    nodes = per_node(proc.stdout)
+    assert len(nodes) == 32 and all(cmd.endswith(" ".join(args)) for *_, cmd in nodes)
+    proc = run_script("torchrun", repo, fakebin, ["--model", "gpt3-13b"], SLURM_GPUS_ON_NODE="8")
+    assert proc.returncode == 0, proc.stderr
+    assert "ranks: dp 16 × tp 1 × pp 1" in proc.stdout
+    assert "suggested layout for gpt3-13b on 16 GPUs in 8-GPU nodes: tp 8 × pp 1 × dp 2" in proc.stdout
+    proc = run_script("torchrun", repo, fakebin, TRAIN)  # gpt3-small: data parallel, no suggestion
+    assert "ranks: dp 8 × tp 1 × pp 1" in proc.stdout and "suggested layout" not in proc.stdout
+    proc = run_script("torchrun", repo, fakebin, TRAIN + ["--pp", "0"])
+    assert proc.returncode == 2 and "--pp=0: need at least 1" in proc.stderr
 
 
 def test_missing_plan_script(tmp_path, fakebin):

@@ -62,6 +62,30 @@ def _default_port() -> int:
 
 
 DEFAULT_PORT = _default_port()
+
+
+def _layouts():
+    # The suggested tp × pp × dp of the large sizes, from the repository's stdlib-only layouts module (by path, as
+    # the port above).
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "adamhd_train",
+                        "layouts.py")
+    spec = importlib.util.spec_from_file_location("_adamhd_layouts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_option(args, name, default=None):
+    """The value of ``--name`` in the training arguments (``--name V`` or ``--name=V``; the last one wins)."""
+    value = default
+    for i, arg in enumerate(args):
+        if arg == "--" + name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--%s=" % name):
+            value = arg.split("=", 1)[1]
+    return value
 DEFAULT_WORKDIR = "/workspace"
 # In the one command srun runs on every node, the node's rank is SLURM's own SLURM_NODEID.
 NODE_RANK_VAR = "SLURM_NODEID"
@@ -219,6 +243,13 @@ class Settings(object):
         self.train_args = list(train_args) or ["--model", "gpt3-small", "--out-dir", "runs/slurm-%s" % self.job_id,
                                                "--resume", "auto"]
         self.hostfile = env.get("HOSTFILE") or "runs/slurm-%s/hostfile" % self.job_id
+        # the model-parallel grid, checked here before any node starts (the launcher checks the rest)
+        self.tp = _positive_int("--tp", train_option(self.train_args, "tp", "1"))
+        self.pp = _positive_int("--pp", train_option(self.train_args, "pp", "1"))
+        if self.world_size % (self.tp * self.pp):
+            raise PlanError("--tp %d × --pp %d = %d must divide the allocation's %d GPUs (%d node(s) × %d)"
+                            % (self.tp, self.pp, self.tp * self.pp, self.world_size, len(self.hosts), self.gpus))
+        self.model = train_option(self.train_args, "model", "gpt3-small")
 
         self.image = env.get("CONTAINER_IMAGE") or ""
         runtime = env.get("CONTAINER_RUNTIME") or ""
@@ -322,6 +353,10 @@ def describe(s):
     lines.append("launcher: %s: %s" % (s.launcher, how))
     lines.append("nodes: %d (%s); GPUs per node: %d; world size: %d"
                  % (len(s.hosts), " ".join(s.hosts), s.gpus, s.world_size))
+    lines.append("ranks: dp %d × tp %d × pp %d (--tp, --pp)" % (s.world_size // (s.tp * s.pp), s.tp, s.pp))
+    layout = _layouts().describe_layout(s.model, s.world_size)
+    if layout:
+        lines.append(layout)
     if s.launcher == "mpirun":
         lines.append("master: %s (rank 0; DeepSpeed's MPI discovery takes its address from `hostname -I`)"
                      % s.master)
