@@ -18,7 +18,8 @@ Cases (each returns numbers and tensors; the test asserts on them):
   issue no collective at all, while the first stage reduces once per step over its own dp group (none at dp 1);
 - ``resume``: a DCP checkpoint of each stage (model + optimizer state dict, μ included) written at step
   ``SAVE_AT`` over the stage's dp group, loaded by fresh modules, optimizers, stages and schedules on a freshly
-  built device mesh (new process groups), trained on: equal to the uninterrupted run;
+  built device mesh (new process groups), trained on: equal to the uninterrupted run; and the pp 2 × dp 2
+  checkpoint resumed at pp 2 × dp 1 (DCP reshards the FSDP2 shards into the plain stage modules);
 - ``naive`` (dp 2 only): the negative control, each rank's shard taken as the layer.
 
 The reference is AdamHD (its per-tensor loop) on the full model in one process with the whole global batch.
@@ -31,9 +32,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor.debug import CommDebugMode
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.debug import CommDebugMode
 
 import adamhd_dist.distributed.dtensor as dtensor_mod
 from adamhd_dist import AdamHD, layer_deltas, param_groups
@@ -43,7 +44,7 @@ D_IN, D_OUT = 6, 5
 ROWS, N_MICRO, STEPS, SAVE_AT = 16, 4, 6, 3  # ROWS divisible by dp · N_MICRO for dp 1 and 2
 WD = 0.1
 HP = dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-8, delta_scale=1.0, delta_beta=0.9)
-SHARDED_OPT = dict(fused=False)  # the multi-tensor path: no kernel build inside the timed launch
+SHARDED_OPT = dict(fused=False)  # the multi-tensor update path
 REF_OPT = dict(foreach=False, fused=False)  # the per-tensor loop: shares least with the sharded path
 
 
@@ -70,7 +71,7 @@ def _layer(kind, args):
 
 
 class Stack(nn.Module):
-    """The full model, or (``keep``) one stage of it with the full model's layer names."""
+    """The full model of ``CONFIGS[config]``, layer ``i`` named ``layers.<i>``."""
 
     def __init__(self, config: str, seed: int = 0):
         super().__init__()
@@ -99,7 +100,7 @@ def stage_module(config: str, stage: int) -> Stack:
     return model
 
 
-def batches(config="main", steps=STEPS, seed=99):
+def batches(steps=STEPS, seed=99):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(ROWS, D_IN, generator=g), torch.randn(ROWS, D_OUT, generator=g)) for _ in range(steps)]
 
@@ -108,7 +109,7 @@ def reference(config: str, steps: int = STEPS) -> dict:
     model = Stack(config)
     opt = AdamHD(param_groups(model, WD), **HP, **REF_OPT)
     deltas = []
-    for x, y in batches(config, steps):
+    for x, y in batches(steps):
         F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -207,7 +208,7 @@ class Pipeline:
 
     def train(self, start, stop):
         rows = ROWS // self.dp
-        for x, y in batches(self.config)[start:stop]:
+        for x, y in batches()[start:stop]:
             x, y = x[self.dpr * rows:][:rows], y[self.dpr * rows:][:rows]
             with count_calls(*FSDP_COLLECTIVES) as comms:
                 if self.stage == 0:
@@ -278,6 +279,22 @@ def resume(ckdir: str, schedule="gpipe") -> dict:
                        loaded_mu=loaded_mu, mu_keys=mu_keys, files=sorted(os.listdir(path)))
 
 
+def resume_from(ckdir: str) -> dict:
+    """Load the checkpoint another layout wrote (pp 2 × dp 2, FSDP2 shards) into this one's stages, train to STEPS."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    mesh = make_mesh()
+    pipe = Pipeline("main", mesh)
+    sd = _state_dicts(pipe)
+    dcp.load(sd, checkpoint_id=os.path.join(ckdir, f"stage{pipe.stage}"), process_group=mesh["dp"].get_group())
+    set_model_state_dict(pipe.module, sd["model"])
+    set_optimizer_state_dict(pipe.module, pipe.opt, sd["optim"])
+    loaded_mu = pipe.mu()
+    pipe.train(SAVE_AT, STEPS)
+    return pipe.result(loaded_mu=loaded_mu)
+
+
 def run(config, schedule="gpipe", reshard_after_forward=True, naive=False):
     return Pipeline(config, make_mesh(), schedule, reshard_after_forward, naive).train(0, STEPS).result()
 
@@ -295,14 +312,17 @@ def _attempt(fn, *args, **kwargs):
         return {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
 
 
-def suite(ckdir: str) -> dict:
-    """One launch: every case at this world size (2 stages × dp = world / 2)."""
+def suite(ckdir: str, load_from: str | None = None) -> dict:
+    """One launch: every case at this world size (2 stages × dp = world / 2); ``load_from``: the checkpoint
+    directory of a launch at another dp to resume from."""
     dist.init_process_group("gloo")
     dp = dist.get_world_size() // 2
     out = {"gpipe": _attempt(run, "main", "gpipe"),
            "1f1b": _attempt(run, "main", "1f1b", reshard_after_forward=False),
            "nodecay": _attempt(run, "nodecay", "1f1b"),
            "resume": _attempt(resume, ckdir)}
+    if load_from is not None:
+        out["resume_other_dp"] = _attempt(resume_from, load_from)
     if dp > 1:
         out["naive"] = _attempt(run, "main", "gpipe", naive=True)
     if dist.get_rank() == 0:

@@ -7,8 +7,8 @@ Exact means: the params of every stage within 1e-5·max|θ_ref| and every δ wit
 Each rank's AdamHD holds its stage's layers only, and each layer's statistic stays in its stage: one collective
 per step over the stage's dp group at dp 2, none at dp 1, none on a stage without decayed layers (at any dp); the
 schedule reduces the FSDP2 gradients once per step, not per microbatch. A DCP checkpoint per stage (μ included)
-resumes on fresh objects and fresh process groups as the uninterrupted run; a per-shard statistic, the negative
-control, is visibly wrong. One launch per world size; the per-rank code is tests/dist_workers_torchpp.py.
+resumes on fresh objects and fresh process groups as the uninterrupted run, and the dp 2 checkpoint resumes at
+dp 1; a per-shard statistic, the negative control, is visibly wrong. One launch per world size; the per-rank code is tests/dist_workers_torchpp.py.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ TOL = 1e-5
 WORLDS = (2, 4)
 
 
-def _launch(w, tmp_path_factory):
+def _launch(w, tmp_path_factory, load_from=None):
     ck = tmp_path_factory.mktemp(f"torchpp{w}")
-    return w, run_ranks("dist_workers_torchpp:suite", w, kwargs={"ckdir": str(ck)}, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return _launch(2, tmp_path_factory)
+    return w, run_ranks("dist_workers_torchpp:suite", w, kwargs={"ckdir": str(ck), "load_from": load_from},
+                        timeout=300), str(ck)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +33,15 @@ def world4(tmp_path_factory):
     return _launch(4, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def world2(world4, tmp_path_factory):
+    """World 2 also resumes the checkpoint world 4 wrote (at dp 2) at dp 1."""
+    return _launch(2, tmp_path_factory, load_from=world4[2])
+
+
 @pytest.fixture(params=WORLDS, ids=lambda w: f"pp2_dp{w // 2}")
 def world(request):
-    return request.getfixturevalue(f"world{request.param}")
+    return request.getfixturevalue(f"world{request.param}")[:2]
 
 
 def _errors(res, ref, first=0):
@@ -131,9 +133,23 @@ def test_checkpoint_resume_continues_as_the_uninterrupted_run(world):
         assert res["calls"] == _stat_calls(w, res), res["calls"]
 
 
+def test_a_dp2_checkpoint_resumes_at_dp1(world2, world4):
+    """The FSDP2-sharded checkpoint of each stage (pp 2 × dp 2) loaded into the plain stage modules of pp 2 × dp 1:
+    μ as saved, and the continued run exact against the reference."""
+    ranks2, ranks4 = world2[1], world4[1]
+    saved = {r["resume"]["stage"]: r["resume"]["saved_mu"] for r in ranks4}
+    ref = ranks2[0]["reference"]["main"]
+    for r in ranks2:
+        res = r["resume_other_dp"]
+        assert "error" not in res, res["error"]
+        assert not res["sharded"] and res["loaded_mu"] == saved[res["stage"]], (res["loaded_mu"], saved)
+        perr, derr = _errors(res, ref, first=W.SAVE_AT)
+        assert perr < TOL and derr < TOL, (perr, derr)
+
+
 def test_a_per_shard_statistic_is_visibly_wrong(world4):
     """The negative control at pp 2 × dp 2: each rank's FSDP2 shard taken as the layer (local sums, local numel)."""
-    _, ranks = world4
+    _, ranks, _ = world4
     ref = ranks[0]["reference"]["main"]
     worst = [0.0, 0.0]
     for r in ranks:
