@@ -14,6 +14,8 @@ Cases (each returns numbers and tensors; the test asserts on them):
 
 - ``gpipe`` / ``1f1b``: both stages hold decayed layers; the second with ``reshard_after_forward=False`` (what
   torchtitan uses under pipelining) at dp 2;
+- ``interleaved``: 4 stages, two per rank (0 and 2, 1 and 3), ``ScheduleInterleaved1F1B``, one AdamHD over the
+  rank's two stage modules (each ``fully_shard``-ed on its own at dp 2);
 - ``nodecay``: the second stage holds only a LayerNorm and a bias (no decayed layer): AdamHD's step there must
   issue no collective at all, while the first stage reduces once per step over its own dp group (none at dp 1);
 - ``resume``: a DCP checkpoint of each stage (model + optimizer state dict, μ included) written at step
@@ -57,12 +59,12 @@ class Bias(nn.Module):
         return x + self.bias
 
 
-# The configs: (layer type, args) in order, and where stage 1 begins. Widths 9 and 7 split unevenly over 2 dp ranks.
+# The configs: (layer type, args) in order. Widths 9 and 7 split unevenly over 2 dp ranks.
 CONFIGS = {
     "main": ([("linear", (D_IN, 9)), ("gelu", ()), ("norm", (9,)), ("linear", (9, 9)),
-              ("norm", (9,)), ("linear", (9, 7)), ("gelu", ()), ("linear", (7, D_OUT))], 4),
+              ("norm", (9,)), ("linear", (9, 7)), ("gelu", ()), ("linear", (7, D_OUT))]),
     "nodecay": ([("linear", (D_IN, 9)), ("gelu", ()), ("linear", (9, D_OUT)),
-                 ("norm", (D_OUT,)), ("bias", (D_OUT,))], 3),
+                 ("norm", (D_OUT,)), ("bias", (D_OUT,))]),
 }
 
 
@@ -76,7 +78,7 @@ class Stack(nn.Module):
     def __init__(self, config: str, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        specs, _ = CONFIGS[config]
+        specs = CONFIGS[config]
         self.layers = nn.ModuleDict({str(i): _layer(k, a) for i, (k, a) in enumerate(specs)})
         with torch.no_grad():  # norms and biases away from their init, so they move visibly
             for name, p in self.named_parameters():
@@ -89,13 +91,17 @@ class Stack(nn.Module):
         return x
 
 
-def stage_module(config: str, stage: int) -> Stack:
-    """Stage ``stage`` (0 or 1) of the full model: the full model built from the seed, the other stage's layers
-    deleted (torchtitan's way of cutting a model for manual pipeline stages)."""
+CUTS = {("main", 2): (0, 4, 8), ("main", 4): (0, 2, 4, 6, 8), ("nodecay", 2): (0, 3, 5)}
+"""Where each stage's layers begin and end, by (config, number of stages)."""
+
+
+def stage_module(config: str, stage: int, n_stages: int = 2) -> Stack:
+    """Stage ``stage`` of the full model cut into ``n_stages``: the full model built from the seed, the other
+    stages' layers deleted (torchtitan's way of cutting a model for manual pipeline stages)."""
     model = Stack(config)
-    first = CONFIGS[config][1]
+    lo, hi = CUTS[config, n_stages][stage:stage + 2]
     for i in list(model.layers.keys()):
-        if (int(i) < first) != (stage == 0):
+        if not lo <= int(i) < hi:
             del model.layers[i]
     return model
 
@@ -162,7 +168,7 @@ FSDP_COLLECTIVES = ("reduce_scatter_single", "reduce_scatter_tensor", "all_gathe
 @contextlib.contextmanager
 def count_calls(*names):
     """{name: calls} of the ``torch.distributed`` functions ``names`` inside the block (those that exist).
-    (``CommDebugMode`` is not used around a schedule step: under it the gloo pipeline hangs.)"""
+    (``CommDebugMode`` is not used around a schedule step: under it the pp 2 × dp 2 gloo run hung, torch 2.13.)"""
     counts, origs = {}, {n: getattr(dist, n) for n in names if hasattr(dist, n)}
 
     def spy(name, fn):
@@ -187,23 +193,40 @@ def make_mesh():
 
 
 class Pipeline:
-    """One rank's stage: module (FSDP2 over "dp" when dp > 1), AdamHD over its parameters, PipelineStage, schedule."""
+    """One rank of the pipeline: its stage module(s) (each FSDP2 over "dp" when dp > 1), ONE AdamHD over all their
+    parameters, a PipelineStage per module, the schedule. ``virtual=2``: two stages per rank, 0 and 2 on the first,
+    1 and 3 on the second ("loop" placement), run by ``ScheduleInterleaved1F1B``. ``self.stage`` is the rank's
+    position on "pp" (0 feeds the inputs, 1 computes the loss)."""
 
-    def __init__(self, config, mesh, schedule="gpipe", reshard_after_forward=True, naive=False):
+    def __init__(self, config, mesh, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1):
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
         self.config, self.mesh = config, mesh
         self.stage, self.dp, self.dpr = mesh["pp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_local_rank()
-        self.module = stage_module(config, self.stage)
-        if self.dp > 1:
-            fully_shard(self.module, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
+        n_stages = 2 * virtual
+        ids = [self.stage + 2 * k for k in range(virtual)]
+        self.chunks = [stage_module(config, i, n_stages) for i in ids]
+        for chunk in self.chunks:
+            if self.dp > 1:
+                fully_shard(chunk, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
+        if virtual == 1:
+            self.module = self.chunks[0]
+        else:  # the rank's layers of every chunk under their full-model names, for the optimizer and the results
+            self.module = nn.Module()
+            self.module.layers = nn.ModuleDict({i: m for c in self.chunks for i, m in c.layers.items()})
         self.opt = AdamHD(param_groups(self.module, WD), **HP, **SHARDED_OPT)
         if naive:
             self.opt.set_layer_stats(PerShard())
-        self.pstage = PipelineStage(self.module, self.stage, 2, torch.device("cpu"), group=mesh["pp"].get_group())
-        cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-        self.schedule = cls(self.pstage, n_microbatches=N_MICRO, loss_fn=F.mse_loss)
+        group = mesh["pp"].get_group()
+        self.pstages = [PipelineStage(c, i, n_stages, torch.device("cpu"), group=group)
+                        for c, i in zip(self.chunks, ids)]
+        if virtual > 1:
+            self.schedule = ScheduleInterleaved1F1B(self.pstages, n_microbatches=N_MICRO, loss_fn=F.mse_loss)
+        else:
+            cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+            self.schedule = cls(self.pstages[0], n_microbatches=N_MICRO, loss_fn=F.mse_loss)
         self.deltas, self.calls, self.losses, self.schedule_comms = [], [], [], []
 
     def train(self, start, stop):
@@ -243,7 +266,7 @@ class Pipeline:
                     params=self.params(), deltas=self.deltas, calls=self.calls, losses=self.losses,
                     schedule_comms=self.schedule_comms,
                     decayed=sum(len(g["params"]) for g in self.opt.param_groups if g["weight_decay"]),
-                    sharded=self.dp > 1, **extra)
+                    sharded=self.dp > 1, chunks=len(self.chunks), **extra)
 
 
 def _state_dicts(pipe):
@@ -295,8 +318,8 @@ def resume_from(ckdir: str) -> dict:
     return pipe.result(loaded_mu=loaded_mu)
 
 
-def run(config, schedule="gpipe", reshard_after_forward=True, naive=False):
-    return Pipeline(config, make_mesh(), schedule, reshard_after_forward, naive).train(0, STEPS).result()
+def run(config, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1):
+    return Pipeline(config, make_mesh(), schedule, reshard_after_forward, naive, virtual).train(0, STEPS).result()
 
 
 def _attempt(fn, *args, **kwargs):
@@ -319,6 +342,7 @@ def suite(ckdir: str, load_from: str | None = None) -> dict:
     dp = dist.get_world_size() // 2
     out = {"gpipe": _attempt(run, "main", "gpipe"),
            "1f1b": _attempt(run, "main", "1f1b", reshard_after_forward=False),
+           "interleaved": _attempt(run, "main", virtual=2),
            "nodecay": _attempt(run, "nodecay", "1f1b"),
            "resume": _attempt(resume, ckdir)}
     if load_from is not None:

@@ -1,14 +1,15 @@
 """AdamHD under ``torch.distributed.pipelining`` on CPU ranks (gloo): 2 stages × dp 1 (world 2, plain stage
 modules) and 2 stages × dp 2 (world 4, each stage's module ``fully_shard``-ed over its "dp" sub-mesh of a
-("pp", "dp") mesh), with ``ScheduleGPipe`` and ``Schedule1F1B`` over 4 microbatches, each against single-process
-AdamHD on the full model with the same global batch.
+("pp", "dp") mesh), with ``ScheduleGPipe``, ``Schedule1F1B`` and ``ScheduleInterleaved1F1B`` (two stages per
+rank) over 4 microbatches, each against single-process AdamHD on the full model with the same global batch.
 
 Exact means: the params of every stage within 1e-5·max|θ_ref| and every δ within 1e-5 relative after every step.
 Each rank's AdamHD holds its stage's layers only, and each layer's statistic stays in its stage: one collective
 per step over the stage's dp group at dp 2, none at dp 1, none on a stage without decayed layers (at any dp); the
 schedule reduces the FSDP2 gradients once per step, not per microbatch. A DCP checkpoint per stage (μ included)
 resumes on fresh objects and fresh process groups as the uninterrupted run, and the dp 2 checkpoint resumes at
-dp 1; a per-shard statistic, the negative control, is visibly wrong. One launch per world size; the per-rank code is tests/dist_workers_torchpp.py.
+dp 1; a per-shard statistic, the negative control, is visibly wrong. One launch per world size; the per-rank code
+is tests/dist_workers_torchpp.py.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def _assert_stages(ranks, case, config="main"):
     assert by_stage[0] | by_stage[1] == set(ref["params"]), "every layer lives on some stage"
 
 
-@pytest.mark.parametrize("case", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("case", ["gpipe", "1f1b", "interleaved"])
 def test_pipeline_equals_one_process(world, case):
-    """GPipe (FSDP2 resharding after forward) and 1F1B (``reshard_after_forward=False``, as torchtitan)."""
+    """GPipe (FSDP2 resharding after forward), 1F1B (``reshard_after_forward=False``, as torchtitan) and
+    interleaved 1F1B (two stages per rank, one AdamHD over both)."""
     w, ranks = world
     ref = ranks[0]["reference"]["main"]
     _assert_stages(ranks, case)
@@ -90,9 +92,10 @@ def test_pipeline_equals_one_process(world, case):
         # the statistic stays in the stage: its group is the stage's dp group
         assert set(res["dp_ranks"]) <= set(res["stage_ranks"]) and len(res["dp_ranks"]) == w // 2
         assert res["calls"] == _stat_calls(w, res), res["calls"]
-        if w > 2:  # FSDP2's gradients reduced once per step by the schedule, over 4 microbatches
+        assert res["chunks"] == (2 if case == "interleaved" else 1)
+        if w > 2:  # FSDP2's gradients reduced once per step and stage module by the schedule, over 4 microbatches
             assert [c.get("reduce_scatter_single", 0) + c.get("reduce_scatter_tensor", 0)
-                    for c in res["schedule_comms"]] == [1] * W.STEPS, res["schedule_comms"]
+                    for c in res["schedule_comms"]] == [res["chunks"]] * W.STEPS, res["schedule_comms"]
 
 
 def test_stage_without_decayed_layers_joins_no_collective(world):
