@@ -16,6 +16,8 @@ Cases (each returns numbers and tensors; the test asserts on them):
   torchtitan uses under pipelining) at dp 2;
 - ``interleaved``: 4 stages, two per rank (0 and 2, 1 and 3), ``ScheduleInterleaved1F1B``, one AdamHD over the
   rank's two stage modules (each ``fully_shard``-ed on its own at dp 2);
+- ``clip``: 1F1B with the gradients clipped to a norm of the whole model, summed over the stages (torchtitan's
+  way), against the reference's ``clip_grad_norm_``;
 - ``nodecay``: the second stage holds only a LayerNorm and a bias (no decayed layer): AdamHD's step there must
   issue no collective at all, while the first stage reduces once per step over its own dp group (none at dp 1);
 - ``resume``: a DCP checkpoint of each stage (model + optimizer state dict, μ included) written at step
@@ -46,6 +48,7 @@ D_IN, D_OUT = 6, 5
 ROWS, N_MICRO, STEPS, SAVE_AT = 16, 4, 6, 3  # ROWS divisible by dp · N_MICRO for dp 1 and 2
 WD = 0.1
 HP = dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-8, delta_scale=1.0, delta_beta=0.9)
+CLIP = 0.3  # below the gradient norm of every step (the test checks): the clipping is active
 SHARDED_OPT = dict(fused=False)  # the multi-tensor update path
 REF_OPT = dict(foreach=False, fused=False)  # the per-tensor loop: shares least with the sharded path
 
@@ -111,16 +114,19 @@ def batches(steps=STEPS, seed=99):
     return [(torch.randn(ROWS, D_IN, generator=g), torch.randn(ROWS, D_OUT, generator=g)) for _ in range(steps)]
 
 
-def reference(config: str, steps: int = STEPS) -> dict:
+def reference(config: str, steps: int = STEPS, clip: float | None = None) -> dict:
     model = Stack(config)
     opt = AdamHD(param_groups(model, WD), **HP, **REF_OPT)
-    deltas = []
+    deltas, norms = [], []
     for x, y in batches(steps):
         F.mse_loss(model(x), y).backward()
+        if clip is not None:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         deltas.append(layer_deltas(opt))
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "deltas": deltas}
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "deltas": deltas,
+            "grad_norms": norms}
 
 
 class PerShard(DTensorLayerStats):
@@ -198,12 +204,13 @@ class Pipeline:
     1 and 3 on the second ("loop" placement), run by ``ScheduleInterleaved1F1B``. ``self.stage`` is the rank's
     position on "pp" (0 feeds the inputs, 1 computes the loss)."""
 
-    def __init__(self, config, mesh, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1):
+    def __init__(self, config, mesh, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1,
+                 clip=None):
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                                   ScheduleInterleaved1F1B)
 
-        self.config, self.mesh = config, mesh
+        self.config, self.mesh, self.clip = config, mesh, clip
         self.stage, self.dp, self.dpr = mesh["pp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_local_rank()
         n_stages = 2 * virtual
         ids = [self.stage + 2 * k for k in range(virtual)]
@@ -241,12 +248,27 @@ class Pipeline:
                     self.schedule.step(target=y, losses=losses)
                     self.losses.append(torch.stack(losses).mean().item())
             self.schedule_comms.append(comms)
+            if self.clip is not None:
+                self.clip_across_stages()
             with count_collectives() as seen:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.calls.append(seen)
             self.deltas.append(layer_deltas(self.opt))
         return self
+
+    def clip_across_stages(self):
+        """The gradient norm of the whole model, as torchtitan clips under pipelining: each stage's norm (over its
+        dp shards), its square summed over "pp", every gradient scaled by the same factor."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        sq = norm.detach().double() ** 2
+        dist.all_reduce(sq, group=self.mesh["pp"].get_group())
+        torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.clip, sq.sqrt().float())
 
     def params(self):
         from torch.distributed.tensor import DTensor
@@ -318,8 +340,9 @@ def resume_from(ckdir: str) -> dict:
     return pipe.result(loaded_mu=loaded_mu)
 
 
-def run(config, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1):
-    return Pipeline(config, make_mesh(), schedule, reshard_after_forward, naive, virtual).train(0, STEPS).result()
+def run(config, schedule="gpipe", reshard_after_forward=True, naive=False, virtual=1, clip=None):
+    pipe = Pipeline(config, make_mesh(), schedule, reshard_after_forward, naive, virtual, clip)
+    return pipe.train(0, STEPS).result()
 
 
 def _attempt(fn, *args, **kwargs):
@@ -343,6 +366,7 @@ def suite(ckdir: str, load_from: str | None = None) -> dict:
     out = {"gpipe": _attempt(run, "main", "gpipe"),
            "1f1b": _attempt(run, "main", "1f1b", reshard_after_forward=False),
            "interleaved": _attempt(run, "main", virtual=2),
+           "clip": _attempt(run, "main", "1f1b", clip=CLIP),
            "nodecay": _attempt(run, "nodecay", "1f1b"),
            "resume": _attempt(resume, ckdir)}
     if load_from is not None:
@@ -351,4 +375,5 @@ def suite(ckdir: str, load_from: str | None = None) -> dict:
         out["naive"] = _attempt(run, "main", "gpipe", naive=True)
     if dist.get_rank() == 0:
         out["reference"] = {c: reference(c) for c in CONFIGS}
+        out["reference"]["clip"] = reference("main", clip=CLIP)
     return out

@@ -6,7 +6,8 @@ rank) over 4 microbatches, each against single-process AdamHD on the full model 
 Exact means: the params of every stage within 1e-5·max|θ_ref| and every δ within 1e-5 relative after every step.
 Each rank's AdamHD holds its stage's layers only, and each layer's statistic stays in its stage: one collective
 per step over the stage's dp group at dp 2, none at dp 1, none on a stage without decayed layers (at any dp); the
-schedule reduces the FSDP2 gradients once per step, not per microbatch. A DCP checkpoint per stage (μ included)
+schedule reduces the FSDP2 gradients once per step, not per microbatch; gradients clipped to the whole model's
+norm across stages match ``clip_grad_norm_`` on the full model. A DCP checkpoint per stage (μ included)
 resumes on fresh objects and fresh process groups as the uninterrupted run, and the dp 2 checkpoint resumes at
 dp 1; a per-shard statistic, the negative control, is visibly wrong. One launch per world size; the per-rank code
 is tests/dist_workers_torchpp.py.
@@ -96,6 +97,24 @@ def test_pipeline_equals_one_process(world, case):
         if w > 2:  # FSDP2's gradients reduced once per step and stage module by the schedule, over 4 microbatches
             assert [c.get("reduce_scatter_single", 0) + c.get("reduce_scatter_tensor", 0)
                     for c in res["schedule_comms"]] == [res["chunks"]] * W.STEPS, res["schedule_comms"]
+
+
+def test_clipping_across_stages_equals_one_process(world):
+    """1F1B with the gradients clipped to the whole model's norm (each stage's norm squared, summed over "pp"),
+    against ``clip_grad_norm_`` on the full model; the clipping is active at every step and changes the run."""
+    w, ranks = world
+    ref, unclipped = ranks[0]["reference"]["clip"], ranks[0]["reference"]["main"]
+    assert len(ref["grad_norms"]) == W.STEPS and min(ref["grad_norms"]) > W.CLIP, ref["grad_norms"]
+    scale = max(p.abs().max().item() for p in ref["params"].values())
+    moved = max((p - unclipped["params"][n]).abs().max().item() for n, p in ref["params"].items()) / scale
+    assert moved > 100 * TOL, moved
+    _assert_stages(ranks, "clip")
+    for r in ranks:
+        res = r["clip"]
+        assert "error" not in res, res["error"]
+        perr, derr = _errors(res, ref)
+        assert perr < TOL and derr < TOL, (res["stage"], perr, derr)
+        assert res["calls"] == _stat_calls(w, res), res["calls"]
 
 
 def test_stage_without_decayed_layers_joins_no_collective(world):
