@@ -50,7 +50,10 @@ def _loss(model, x):
 def dp_rows(x):
     from deepspeed.utils import groups
 
-    r, w = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+    try:
+        r, w = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+    except AssertionError:  # no AutoTP: DeepSpeed set up no groups, every rank is data-parallel
+        r, w = dist.get_rank(), dist.get_world_size()
     micro = GLOBAL_ROWS // w
     return x[r * micro:(r + 1) * micro]
 
@@ -119,7 +122,7 @@ def run_case(world, tp, stage, door="initialize", steps=4, naive=False, ckdir=No
         engine.backward(loss)
         engine.step()
     out = {"params": _local(engine), "deltas": adamhd_dist.layer_deltas(opt), "counts": counts,
-           "tp_rank": dist.get_rank(group=_tp_group())}
+           "tp_rank": _tp_rank()}
     if ckdir is not None:
         engine.load_checkpoint(ckdir, tag="mid")
         for x in data[2:]:
@@ -129,10 +132,13 @@ def run_case(world, tp, stage, door="initialize", steps=4, naive=False, ckdir=No
     return out
 
 
-def _tp_group():
+def _tp_rank():
     from deepspeed.utils import groups
 
-    return groups.get_tensor_model_parallel_group()
+    try:
+        return dist.get_rank(group=groups.get_tensor_model_parallel_group())
+    except AssertionError:  # no AutoTP: DeepSpeed set up no tensor-parallel group
+        return 0
 
 
 def refusal(world, tp, stage, door):
@@ -159,22 +165,57 @@ def reference(steps=4):
             "deltas": adamhd_dist.layer_deltas(opt)}
 
 
-def suite(world, tp, cases=(), refusals=(), ckpt_dir=None):
+def universal_resume(world, tp, stage, ckdir, start=2, steps=4):
+    """A fresh AutoTP engine loads the universal checkpoint in ``ckdir`` (``"load_universal": true``) and trains
+    the remaining steps."""
+    import adamhd_dist
+
+    engine = _engine(world, tp, stage, "initialize", checkpoint={"load_universal": True})
+    engine.load_checkpoint(ckdir)
+    for x in batches(steps)[start:]:
+        engine.backward(_loss(engine, dp_rows(x)))
+        engine.step()
+    return {"params": _local(engine), "deltas": adamhd_dist.layer_deltas(engine), "tp_rank": _tp_rank()}
+
+
+def suite(world, tp, cases=(), refusals=(), ckpt_dir=None, universal=()):
+    """``universal``: ZeRO stages at which a universal checkpoint of a tp-1 run (all ranks data-parallel, ZeRO-2,
+    saved at step 2, before any AutoTP engine exists: DeepSpeed's groups live for the process) is loaded under
+    AutoTP; the tp-1 checkpoint's plain load there must refuse."""
     import os
+    import traceback
 
     init_dist()
     out = {}
+    plain = os.path.join(ckpt_dir or "", "ck_tp1")
+    if universal:
+        out["tp1"] = run_case(world, 1, 2, ckdir=plain)
+        if dist.get_rank() == 0:
+            from adamhd_dist import deepspeed as ads
+
+            ads.to_universal(os.path.join(plain, "mid"), os.path.join(plain, "mid_universal"), workers=2)
+        dist.barrier()
     for c in cases:
         kw = dict(c)
         if kw.pop("ckpt", False):
             kw["ckdir"] = os.path.join(ckpt_dir, "ck_%s" % "_".join(f"{k}{v}" for k, v in sorted(c.items())))
         try:
             out[tuple(sorted(c.items()))] = run_case(world, tp, **kw)
-        except Exception as e:  # reported per case; the others still run
-            import traceback
+        except Exception:  # reported per case; the others still run
             out[tuple(sorted(c.items()))] = {"error": traceback.format_exc()}
     for stage, door in refusals:
         out[("refuse", stage, door)] = refusal(world, tp, stage, door)
+    for stage in universal:
+        try:
+            out[("universal", stage)] = universal_resume(world, tp, stage, plain)
+        except Exception:  # reported per case; the others still run
+            out[("universal", stage)] = {"error": traceback.format_exc()}
+    if universal:
+        try:
+            _engine(world, tp, 2, "initialize").load_checkpoint(plain, tag="mid")
+            out["plain_reshard"] = None
+        except ValueError as e:
+            out["plain_reshard"] = str(e)
     if dist.get_rank() == 0:
         out["reference"] = reference()
     return out

@@ -292,6 +292,23 @@ def resume(world, stage, ckdir, tag="part", start=5, steps=10, **cfg_kw):
             "params": module_params(engine), "deltas": adamhd_dist.layer_deltas(engine)}
 
 
+def resume_universal(world, stage, ckdir, start=5, steps=10, **cfg_kw):
+    """Load the universal checkpoint named in ``ckdir/latest_universal`` (``"load_universal": true``), train on;
+    a refusal is returned as its message (every rank raises the same)."""
+    import adamhd_dist
+
+    init_dist()
+    engine, gas, micro = _engine(world, stage, checkpoint={"load_universal": True}, **cfg_kw)
+    try:
+        engine.load_checkpoint(ckdir)
+    except ValueError as e:
+        return {"error": str(e), "state": sharded_state(engine)}
+    loaded = sharded_state(engine)
+    train(engine, batches(steps)[start:], gas, micro)
+    return {"loaded": loaded, "state": sharded_state(engine), "params": module_params(engine),
+            "deltas": adamhd_dist.layer_deltas(engine)}
+
+
 def reload_rereads_statistic(world, stage, ckdir, **cfg_kw):
     """Save at step 3, train 2 more, then roll the weights back with load_checkpoint(load_optimizer_states=False):
     DeepSpeed writes the fp32 masters through .data (no version-counter bump), so the statistic the last update
@@ -390,7 +407,8 @@ def fp16_overflow(world, stage, **cfg_kw):
             "steps": (steps_before, steps_after, steps_moved), "diff_next": maxdiff(after, moved)}
 
 
-def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), lowp=(), overflow=(), reload=()):
+def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), lowp=(), overflow=(), reload=(),
+          universal=()):
     """Everything one launch at this world size checks (DeepSpeed engines are built one after another):
 
     - ``fp32``: ``(label, stage, kwargs)`` 10-step runs (see :func:`run_case`);
@@ -399,10 +417,12 @@ def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), low
     - ``reshard``: ``(label, stage, kwargs)``: load ``ckpt_dir/label`` (written at another world size), train on;
     - ``lowp``: ``(label, stage, kwargs)`` for :func:`low_precision_deltas`;
     - ``overflow``: ``(label, stage, kwargs)`` for :func:`fp16_overflow`;
-    - ``reload``: ``(label, stage, kwargs)`` for :func:`reload_rereads_statistic` (into ``ckpt_dir/label``).
+    - ``reload``: ``(label, stage, kwargs)`` for :func:`reload_rereads_statistic` (into ``ckpt_dir/label``);
+    - ``universal``: ``(label, stage, kwargs)``: load the universal checkpoint of ``ckpt_dir/label`` (see
+      :func:`resume_universal`), train on.
     """
     init_dist()
-    out = {"fp32": {}, "save": {}, "resume": {}, "lowp": {}, "overflow": {}, "reload": {}}
+    out = {"fp32": {}, "save": {}, "resume": {}, "lowp": {}, "overflow": {}, "reload": {}, "universal": {}}
     for label, stage, kw in fp32:
         out["fp32"][label] = run_case(world, stage, **kw)
     specs = {label: (stage, kw) for label, stage, kw in save}
@@ -419,6 +439,8 @@ def suite(world, fp32=(), ckpt_dir=None, save=(), reshard=(), same_world=(), low
         out["overflow"][label] = fp16_overflow(world, stage, **kw)
     for label, stage, kw in reload:
         out["reload"][label] = reload_rereads_statistic(world, stage, os.path.join(ckpt_dir, label), **kw)
+    for label, stage, kw in universal:
+        out["universal"][label] = resume_universal(world, stage, os.path.join(ckpt_dir, label), **kw)
     return out
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,11 +76,36 @@ def world2(tmp_path_factory):
     return out, ck
 
 
+def to_universal_cli(src, out):
+    return subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "to-universal", str(src), str(out),
+                           "--workers", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
 @pytest.fixture(scope="module")
 def world3(world2):
+    """The 3-rank launch: the ZeRO runs, every reshard from world 2, and the ZeRO-2 checkpoint through DeepSpeed's
+    universal format — once converted by our command (μ kept) and once by DeepSpeed's bare ``ds_to_universal``
+    (no μ: the load must refuse)."""
     _, ck = world2
+    src = os.path.join(ck, "ck_zero2", "part")
+    ours = to_universal_cli(src, os.path.join(ck, "uni_zero2", "part_universal"))
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert "with AdamHD's μ" in ours.stdout
+    bare = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+                           "--output_folder", os.path.join(ck, "uni_bare", "part_universal"),
+                           "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    # our conversion with one decayed layer's μ taken out of the side file (another model's, or a lost stage file)
+    partial = os.path.join(ck, "uni_partial")
+    shutil.copytree(os.path.join(ck, "uni_zero2"), partial)
+    side_path = os.path.join(partial, "part_universal", ads.LAYER_STATE_FILE)
+    side = torch.load(side_path, weights_only=True)
+    del side["layer_state"]["l1.weight"]
+    torch.save(side, side_path)
     return run_ranks("dist_workers_deepspeed:suite", 3, timeout=900, kwargs=dict(
-        world=3, fp32=STAGE_CASES, ckpt_dir=ck, reshard=SAVES, lowp=LOWP))
+        world=3, fp32=STAGE_CASES, ckpt_dir=ck, reshard=SAVES, lowp=LOWP,
+        universal=[("uni_zero2", 2, {}), ("uni_bare", 2, {}), ("uni_partial", 2, {})]))
 
 
 def rel_param_err(params, ref_params):
@@ -254,6 +280,64 @@ def test_checkpoint_from_world_2_resumes_at_world_3(label, world2, world3, ref):
     # and training goes on as if never interrupted (frozen layer included)
     want = W.reference(amsgrad=True) if label.endswith("amsgrad") else ref
     assert rel_param_err(world3[0]["resume"][label]["params"], want["params"]) <= TOL
+
+
+def test_universal_checkpoint_from_world_2_resumes_at_world_3_with_every_mu(world2, world3, ref):
+    """ZeRO-2 at 2 ranks → ``to-universal`` → ``"load_universal": true`` at 3 ranks: weights, moments and every
+    layer's μ as saved, and the run goes on as if never interrupted."""
+    saved = world2[0][0]["save"]["ck_zero2"]["state"]
+    for r in world3:
+        res = r["universal"]["uni_zero2"]
+        assert "error" not in res, res.get("error")
+        assert set(res["loaded"]) == set(saved)
+        for name, st in saved.items():
+            assert set(res["loaded"][name]) == set(st), name
+            for key, v in st.items():
+                assert torch.equal(res["loaded"][name][key], v), (name, key)
+        assert {n for n, st in saved.items() if "delta_ema" in st} == {"emb.weight", "l1.weight", "l2.weight"}
+    assert_matches_reference(world3[0]["universal"]["uni_zero2"], ref, "universal 2 -> 3")
+
+
+def test_universal_checkpoint_without_mu_is_refused_before_anything_loads(world3):
+    """DeepSpeed's own ``ds_to_universal`` drops AdamHD's side file: loading it would restart every layer's δ
+    average silently (3.5 % off five steps later), so the load refuses, naming the fix, and the fresh engine keeps
+    its initial weights."""
+    init = dict(W.make_model().named_parameters())
+    for r in world3:
+        res = r["universal"]["uni_bare"]
+        assert "has no AdamHD layer state (adamhd_layer_state.pt)" in res.get("error", ""), res.get("error")
+        assert "python -m adamhd_dist.deepspeed to-universal" in res["error"]
+        for name, st in res["state"].items():
+            assert torch.equal(st["param"], init[name].detach()), name
+        partial = r["universal"]["uni_partial"].get("error", "")
+        assert "has no μ for 1 decayed layer(s) of this model, e.g. ['l1.weight']" in partial, partial
+
+
+def test_to_universal_command_refuses_bad_input(world2, tmp_path):
+    """Each mistake gets a message naming the folder, exit 2, and nothing converted."""
+    _, ck = world2
+    src = os.path.join(ck, "ck_zero2", "part")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain)
+    (plain / ads.LAYER_STATE_FILE).unlink()
+    flipped = tmp_path / "flipped"
+    shutil.copytree(src, flipped)
+    write_checksums(flipped)
+    f = sorted(flipped.glob("*zero_pp_rank_1_*optim_states.pt"))[0]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    for source, out, want in [(tmp_path / "nope", tmp_path / "o1", "checkpoint folder not found"),
+                              (src, busy, "exists and is not empty"),
+                              (plain, tmp_path / "o2", "has no AdamHD layer state"),
+                              (flipped, tmp_path / "o3", "fails verification against its checksums.json")]:
+        proc = to_universal_cli(source, out)
+        assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert not Path(out).exists() or Path(out) == busy
+    assert sorted(os.listdir(busy)) == ["x"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

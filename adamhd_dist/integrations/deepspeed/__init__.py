@@ -42,10 +42,10 @@ from ...optim.deltas import find_adamhd
 from ...optim.grouping import param_groups as default_param_groups
 from ...optim.optimizer import AdamHD
 from . import _compat
-from .checkpoint import LAYER_STATE_FILE, export_checkpoint, main, wrap_checkpointing
+from .checkpoint import LAYER_STATE_FILE, export_checkpoint, main, to_universal, wrap_checkpointing
 
 __all__ = ["initialize", "attach", "load_config", "adamhd_kwargs", "is_adamhd_config", "check_config", "full_state",
-           "export_checkpoint", "main", "LAYER_STATE_FILE", "ADAMHD_PARAMS"]
+           "export_checkpoint", "to_universal", "main", "LAYER_STATE_FILE", "ADAMHD_PARAMS"]
 
 ADAMHD_PARAMS = tuple(k for k in inspect.signature(AdamHD.__init__).parameters
                       if k not in ("self", "params", "layer_stats"))

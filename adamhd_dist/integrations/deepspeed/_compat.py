@@ -25,7 +25,8 @@ from torch import Tensor
 __all__ = ["TESTED", "VERSION_ENV", "check_version", "ZeroKind", "zero_kind", "Stage12View", "stage12_view",
            "Stage3SubGroup", "stage3_view", "unfused_copies", "dp_group", "set_engine_counters",
            "refresh_low_precision", "write_frozen_partition", "saved_partitions", "frozen_fragments",
-           "is_engine", "whole_numel", "tp_group", "is_tp_sliced", "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
+           "is_engine", "whole_numel", "tp_group", "is_tp_sliced", "loads_universal", "tp_world_size",
+           "ENGINE_FILE_KEYS", "OPTIMIZER_FILE_KEYS"]
 
 #: DeepSpeed versions whose internals this module reads (tested: 0.19.8); the same range as pyproject's extra
 TESTED = ">=0.19,<0.20"
@@ -97,6 +98,25 @@ def pipeline_stage(engine: Any) -> tuple[int, int] | None:
     if not isinstance(stages, int) or stages < 2:
         return None
     return int(engine.stage_id), stages
+
+
+def loads_universal(engine: Any) -> bool:
+    """Whether the engine's config says ``"checkpoint": {"load_universal": true}`` (DeepSpeed then reads the tag
+    named in ``latest_universal`` and the per-parameter files that ``ds_to_universal`` wrote)."""
+    probe = getattr(engine, "load_universal_checkpoint", None)
+    return bool(probe()) if callable(probe) else False
+
+
+def tp_world_size() -> int:
+    """The size of AutoTP's tensor-parallel group (1 where DeepSpeed set none up)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    try:
+        group = groups.get_tensor_model_parallel_group()
+    except (AssertionError, AttributeError, RuntimeError):
+        return 1
+    return 1 if group is None else dist.get_world_size(group=group)
 
 
 def dp_group(zopt: Any):

@@ -24,12 +24,13 @@ from torch import Tensor
 
 from ...fsutil import CHECKSUMS, atomic_write, verify_checksums
 from ...optim.optimizer import AdamHD
+from ...optim.stats import delta_setting
 from . import _compat
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """The per-element optimizer state carried through a reshard and the export (amsgrad's running maximum too)."""
 
-__all__ = ["LAYER_STATE_FILE", "wrap_checkpointing", "export_checkpoint", "resolve_tag_dir", "iter_saved_fragments",
+__all__ = ["LAYER_STATE_FILE", "wrap_checkpointing", "export_checkpoint", "to_universal", "resolve_tag_dir", "iter_saved_fragments",
            "reshard_optimizer_state", "main"]
 
 LAYER_STATE_FILE = "adamhd_layer_state.pt"
@@ -47,8 +48,59 @@ def _side_file(engine) -> str:
 
 
 def _side_info(engine, opt: AdamHD, group) -> dict:
+    stages = _compat.pipeline_stage(engine)
     return {"layer_state": opt.layer_state.state_dict(), "world_size": dist.get_world_size(group=group),
-            "zero_stage": engine.zero_optimization_stage(), "format": 1}
+            "zero_stage": engine.zero_optimization_stage(), "tp_size": _compat.tp_world_size(),
+            "pipeline_stages": 1 if stages is None else stages[1], "format": 1}
+
+
+def _universal_layer_state(tag_dir: Path) -> dict:
+    """μ by layer name from every AdamHD side file in a universal checkpoint's folder (one per pipeline stage of
+    the run that wrote the source checkpoint, or one): independent of how the layers are cut now."""
+    files = sorted(tag_dir.glob("adamhd_layer_state*.pt"))
+    if not files:
+        raise ValueError(
+            f"universal checkpoint {str(tag_dir)!r} has no AdamHD layer state ({LAYER_STATE_FILE}): DeepSpeed's "
+            f"ds_to_universal keeps the weights and moments but not μ, and loading it would restart every layer's "
+            f"δ average silently. Convert with `python -m adamhd_dist.deepspeed to-universal SOURCE_TAG_DIR "
+            f"{str(tag_dir)!r}`, which copies it, or copy adamhd_layer_state*.pt from the source checkpoint's tag "
+            f"folder into this one")
+    state: dict = {}
+    for path in files:
+        state.update(_read_side(path)["layer_state"])
+    return state
+
+
+def _check_universal_coverage(layer_state: dict | None, opt: AdamHD, tag_dir: Path) -> None:
+    """Every decayed layer of this optimizer must find its μ in a universal checkpoint that has any μ."""
+    if not layer_state:
+        return
+    lay = opt.layer_stats.layout
+    ema = [(d := delta_setting(g)) is not None and d.mode == "ema" for g in opt.param_groups]
+    decayed = [name for name, g in zip(lay.names, lay.groups) if ema[g]]
+    missing = [name for name in decayed if name not in layer_state]
+    if missing:
+        raise ValueError(f"universal checkpoint {str(tag_dir)!r} has no μ for {len(missing)} decayed layer(s) of "
+                         f"this model, e.g. {missing[:3]}: it holds another model, or a side file of a pipeline "
+                         f"stage was not copied into it")
+
+
+def _refuse_model_parallel_reshard(side: dict, tag_dir: Path, engine, world: int) -> None:
+    """adamhd_dist's own reshard matches flat pieces by layer name: it is exact for data-parallel ranks only. A
+    checkpoint with tensor-parallel slices or pipeline stages changes layout through DeepSpeed's universal
+    checkpoint instead."""
+    saved_tp, tp = side.get("tp_size", 1), _compat.tp_world_size()
+    saved_pp = side.get("pipeline_stages", 1)
+    stages = _compat.pipeline_stage(engine)
+    pp = 1 if stages is None else stages[1]
+    if saved_tp == tp == 1 and saved_pp == pp == 1:
+        return
+    raise ValueError(
+        f"checkpoint {str(tag_dir)!r} was written at tensor-parallel size {saved_tp}, {saved_pp} pipeline "
+        f"stage(s) and {side['world_size']} data-parallel ranks; this engine runs tensor-parallel size {tp}, {pp} "
+        f"stage(s) and {world} data-parallel ranks. Loading it at another layout is supported through DeepSpeed's "
+        f"universal checkpoint: `python -m adamhd_dist.deepspeed to-universal {str(tag_dir)!r} OUT_DIR`, then "
+        f'load with "checkpoint": {{"load_universal": true}}')
 
 
 def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
@@ -70,14 +122,28 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
     def load_checkpoint(load_dir, tag=None, *args, **kwargs):
         # every load may write the fp32 masters through .data (no version-counter bump): re-read the statistic
         opt.invalidate_layer_stats()
+        universal = _compat.loads_universal(engine)
         if tag is None:
-            latest = Path(load_dir) / "latest"
+            latest = Path(load_dir) / ("latest_universal" if universal else "latest")
             if not latest.is_file():
                 return load(load_dir, tag, *args, **kwargs)
             tag = latest.read_text().strip()
-        side = _read_side(Path(load_dir) / str(tag) / _side_file(engine))
+        tag_dir = Path(load_dir) / str(tag)
+        if universal:  # DeepSpeed reshards weights and moments; μ comes by layer name from the side files
+            layer_state = _universal_layer_state(tag_dir) if tag_dir.is_dir() else None
+            _check_universal_coverage(layer_state, opt, tag_dir)
+            out = load(load_dir, tag, *args, **kwargs)
+            if out[0] is not None and layer_state is not None:
+                opt.layer_state.load_state_dict(layer_state, strict=False)
+            opt.invalidate_layer_stats()
+            return out
+        side = _read_side(tag_dir / _side_file(engine))
         world = dist.get_world_size(group=group)
         wants_optim = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+        if side is not None and wants_optim:
+            same = side["world_size"] == world and side.get("tp_size", 1) == _compat.tp_world_size()
+            if not same:
+                _refuse_model_parallel_reshard(side, tag_dir, engine, world)
         if side is not None and wants_optim and side["world_size"] != world:
             if side["zero_stage"] != engine.zero_optimization_stage():
                 raise ValueError(f"checkpoint {str(Path(load_dir) / str(tag))!r} was written at ZeRO stage "
@@ -296,6 +362,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     if problems:
         raise ValueError(f"checkpoint {str(tag_dir)!r} fails verification against its {CHECKSUMS}, nothing was "
                          f"exported:\n  " + "\n  ".join(problems))
+    _refuse_model_parallel_export(tag_dir)
     first, frozen_frags = _model_states(tag_dir)
     shapes: dict[str, tuple] = {}
     for group in first.get("param_shapes") or []:
@@ -352,6 +419,59 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, tag: str | None = None,
     return result
 
 
+def _refuse_model_parallel_export(tag_dir: Path) -> None:
+    """The export joins data-parallel pieces by layer name: a tensor-parallel rank file holds slices of the split
+    layers under their whole names, and a pipeline checkpoint one stage's layers per file, so neither is exported
+    (a universal checkpoint holds every parameter whole, in ``zero/<name>/fp32.pt``)."""
+    mp_ranks = {m.group(1) for f in tag_dir.glob("*model_states.pt") if (m := re.search(r"mp_rank_(\d+)", f.name))}
+    stage_files = sorted(f.name for f in tag_dir.glob("adamhd_layer_state.stage*.pt"))
+    side = _read_side(tag_dir / LAYER_STATE_FILE)
+    tp = 1 if side is None else side.get("tp_size", 1)
+    if len(mp_ranks) > 1 or tp > 1 or stage_files:
+        what = f"pipeline stages ({', '.join(stage_files)})" if stage_files else \
+            f"tensor-parallel slices ({max(tp, len(mp_ranks))} model-parallel ranks)"
+        raise ValueError(f"checkpoint {str(tag_dir)!r} holds {what}: export joins data-parallel pieces only. "
+                         f"DeepSpeed's universal checkpoint writes every parameter whole (weights and moments, "
+                         f"zero/<name>/fp32.pt, exp_avg.pt, exp_avg_sq.pt): `python -m adamhd_dist.deepspeed "
+                         f"to-universal {str(tag_dir)!r} OUT_DIR` (μ by layer name in OUT_DIR/{LAYER_STATE_FILE})")
+
+
+def to_universal(tag_dir: str | os.PathLike, out_dir: str | os.PathLike, *, workers: int = 4) -> Path:
+    """DeepSpeed's ``ds_to_universal`` on one checkpoint folder, keeping AdamHD's μ: the side files of the source
+    (one per pipeline stage, or one) are copied into ``out_dir``, where ``"load_universal": true`` finds them (it
+    reads the folder named in ``out_dir``'s parent ``latest_universal``, which the conversion writes). A source with
+    a ``checksums.json`` is verified first. Returns ``out_dir``."""
+    src, out = Path(tag_dir), Path(out_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {str(src)!r}")
+    problems = verify_checksums(src)
+    if problems:
+        raise ValueError(f"checkpoint {str(src)!r} fails verification against its {CHECKSUMS}, nothing was "
+                         f"converted:\n  " + "\n  ".join(problems))
+    sides = sorted(src.glob("adamhd_layer_state*.pt"))
+    if not sides:
+        raise ValueError(f"{str(src)!r} has no AdamHD layer state ({LAYER_STATE_FILE}): it was not saved through "
+                         f"adamhd_dist.deepspeed (initialize or attach), so there is no μ to keep")
+    for path in sides:
+        _read_side(path)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {str(out)!r} exists and is not empty")
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed (exit {proc.returncode}) on {str(src)!r}:\n"
+                           + (proc.stderr or proc.stdout)[-4000:])
+    for path in sides:
+        data = path.read_bytes()
+        atomic_write(out / path.name, lambda f, data=data: f.write(data), binary=True)
+    return out
+
+
 def _saved_zero_stage(tag_dir: Path):
     side = _read_side(tag_dir / LAYER_STATE_FILE)
     return None if side is None else side["zero_stage"]
@@ -366,7 +486,24 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("checkpoint_dir", help="the folder given to engine.save_checkpoint (or one tag folder in it)")
     ex.add_argument("--tag", default=None, help="checkpoint tag (default: the one named in 'latest')")
     ex.add_argument("--out", required=True, help="output file (.pt), written atomically")
+    uni = sub.add_parser("to-universal", help="DeepSpeed's universal checkpoint (ds_to_universal) of one checkpoint "
+                                              "folder, with AdamHD's μ copied in: load it at another data- or "
+                                              'tensor-parallel size with "checkpoint": {"load_universal": true}')
+    uni.add_argument("tag_dir", help="the checkpoint's tag folder (e.g. ckpt/global_step1000)")
+    uni.add_argument("out_dir", help="the universal checkpoint's folder, beside the source (e.g. "
+                                     "ckpt/global_step1000_universal); its parent gets 'latest_universal'")
+    uni.add_argument("--workers", type=int, default=4, help="processes extracting ZeRO shards (default 4)")
     args = parser.parse_args(argv)
+    if args.command == "to-universal":
+        if args.workers < 1:
+            parser.error(f"--workers {args.workers}: must be at least 1")
+        try:
+            out = to_universal(args.tag_dir, args.out_dir, workers=args.workers)
+        except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+            parser.error(str(e))
+        print(f"wrote universal checkpoint {out} with AdamHD's μ ({LAYER_STATE_FILE}); load it with "
+              f'"checkpoint": {{"load_universal": true}} from {out.parent}')
+        return 0
     if Path(args.out).is_dir():
         parser.error(f"--out {args.out!r} is a folder: give a file path (.pt)")
     try:
