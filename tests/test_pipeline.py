@@ -7,15 +7,19 @@ Each layer's statistic belongs to its stage: AdamHD's one collective per step ru
 group (its ranks are checked against the stages every rank reports), none at dp 1. Tied layers across stages
 (``TiedLayerSpec``) are exact, both copies equal; a checkpoint saved mid-run resumes as the uninterrupted run; a
 stage without decayed layers is refused at attach with the reason (DeepSpeed would hang at the first step);
-ZeRO-2/3 are refused by DeepSpeed. One launch per world size; the per-rank code is tests/dist_workers_pipeline.py.
+ZeRO-2/3 are refused by DeepSpeed; the export refuses a pipeline checkpoint. One launch per world size; the
+per-rank code is tests/dist_workers_pipeline.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import dist_workers_pipeline as W
-from dist_utils import run_ranks
+from dist_utils import ROOT, run_ranks
 
 TOL = 1e-5
 WORLDS = (2, 4)
@@ -25,7 +29,7 @@ WORLDS = (2, 4)
 def world(request, tmp_path_factory):
     ck = tmp_path_factory.mktemp(f"pp{request.param}")
     return request.param, run_ranks("dist_workers_pipeline:deepspeed_suite", request.param,
-                                    kwargs={"ckdir": str(ck)}, timeout=400)
+                                    kwargs={"ckdir": str(ck)}, timeout=400), ck
 
 
 def _errors(kind, res, ref, first=0, deltas=True):
@@ -42,7 +46,7 @@ def _errors(kind, res, ref, first=0, deltas=True):
 
 
 def _assert_exact(world, case, kind="main"):
-    w, ranks = world
+    w, ranks, _ = world
     ref = ranks[0]["reference"][kind]
     stages = set()
     for r in ranks:
@@ -81,7 +85,7 @@ def test_stage_without_decayed_layers_is_refused_loudly(world):
 def test_stage_without_decayed_layers_joins_no_statistic_collective(world):
     """The same model with the groups given per stage (two undecayed groups on the norm-and-bias stage): exact, and
     that stage issues no collective for the statistic while the other reduces over its own dp group."""
-    w, ranks = world
+    w, ranks, _ = world
     ref = ranks[0]["reference"]["nodecay"]
     for r in ranks:
         res = r["nodecay_split"]
@@ -110,6 +114,18 @@ def test_checkpoint_resume_continues_as_the_uninterrupted_run(world):
         for n, p in res["params"].items():
             assert (p - full["params"][n]).abs().max().item() == 0.0, n  # bitwise on CPU at the same world size
         assert res["deltas"] == full["deltas"][W.SAVE_AT:]
+
+
+def test_export_refuses_a_pipeline_checkpoint_naming_the_universal_one(world):
+    """Each stage's file holds that stage's layers only: the export (data-parallel pieces joined by name) refuses
+    and names the universal checkpoint, which writes every parameter whole."""
+    _, _, ck = world
+    proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(ck), "--out",
+                           str(ck / "x.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "holds pipeline stages (adamhd_layer_state.stage0.pt, adamhd_layer_state.stage1.pt): export joins " \
+        "data-parallel pieces only" in proc.stderr and "to-universal" in proc.stderr, proc.stderr[-3000:]
+    assert not (ck / "x.pt").exists()
 
 
 def test_zero2_and_zero3_are_refused_by_deepspeed(world):
