@@ -63,6 +63,7 @@ on two free cores the fixture takes under a minute.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,54 @@ def test_readme_cost_model_counts_match_presets():
         assert (tensors, flat_bytes) == (len(params), 8 * len(params)), name
         assert (decayed, dtensor_bytes) == (n_decayed, 8 * n_decayed), name
         assert millions == round(count_parameters(name) / 1e6), name
+
+
+# the tensor-parallel cost model (bench/cost_model.py): its table is the README's, and its α-β model is the one the
+# README's ring/tree table was computed with
+README_PROPOSED = README.parent / "README_scale.md"
+TP_HEADING = "**Under tensor parallelism**"
+
+
+def _cost_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cost_model", README.parent / "bench" / "cost_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cost_model"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _seconds(value: str, unit: str) -> float:
+    return float(value) * {"µs": 1e-6, "ms": 1e-3}[unit]
+
+
+def test_tensor_parallel_cost_model_is_the_readmes():
+    cost = _cost_model()
+    text = README.read_text()
+    if TP_HEADING not in text:  # not merged into the README yet: the proposed text
+        text = README_PROPOSED.read_text()
+    assert TP_HEADING in text
+    assert cost.tp_table() in text, "the README's tensor-parallel table is not what bench/cost_model.py computes"
+    # the function's ring and tree times are the README's W table (its largest message, gpt3-175b under ZeRO)
+    section = re.search(r"## Scale: one all-reduce per step at 8 to 10,000\+ ranks\n(.*?)\n## ", README.read_text(),
+                        re.S).group(1)
+    rows = re.findall(r"^\| ([\d,]+) \| ([\d.]+) (µs|ms) \| ([\d.]+) (µs|ms) \|", section, re.M)
+    assert [int(r[0].replace(",", "")) for r in rows] == [8, 64, 1024, 4096]
+    n = cost.message_bytes(cost.layer_counts("gpt3-175b")[0])
+    assert n == 9248
+    for w, ring, ring_unit, tree, tree_unit in rows:
+        w = int(w.replace(",", ""))
+        assert cost.ring_seconds(n, w) == pytest.approx(_seconds(ring, ring_unit), rel=0.01), w
+        assert cost.tree_seconds(n, w) == pytest.approx(_seconds(tree, tree_unit), rel=0.01), w
+    # the layer counts are the main table's (tensors under a flat layout, decayed ones on the DTensor path)
+    main = {r[0]: (int(r[1].replace(",", "")), int(r[3].replace(",", ""))) for r in re.findall(
+        r"^\| (gpt3-\w+) \| ([\d,]+) \| ([\d,]+) B \| ([\d,]+) \|", section, re.M)}
+    for row in cost.tp_rows():
+        tensors, decayed = main[row["model"]]
+        assert row["layers"] == (tensors if "AutoTP" in row["layout"] else decayed)
+        assert row["bytes"] == 8 * row["layers"] and row["world"] == 1024
+        assert row["group"] == (256 if "HSDP" in row["layout"] else 1024)
+    # the gradient traffic: a reduce-scatter sends (D-1)/D of the slice; HSDP adds a ring all-reduce of the shard
+    assert cost.gradient_bytes(8_000, 8, 128) == pytest.approx(127 / 128 * 1_000 * 2)
+    assert cost.gradient_bytes(8_000, 8, 32, 4) == pytest.approx(31 / 32 * 2_000 + 2 * 3 / 4 * 2_000 / 32)
