@@ -1491,4 +1491,5 @@ def run(parts: int = 2) -> dict:
                     out["steps"][key] = step_case(engine, world, rank)
                     out["steps"][key]["seconds"] = round(time.perf_counter() - t, 2)
     out["seconds"] = {part: round(time.perf_counter() - t0, 1)}
+    out["cpu_seconds"] = {part: round(time.process_time(), 1)}
     return out
