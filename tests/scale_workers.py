@@ -37,6 +37,13 @@ What stands in for a real multi-process run, and why:
   were allocated (uninitialised memory), so the gradient norm may be NaN, and DeepSpeed then skips the step. The
   steps below turn these two checks off (:func:`zero3_fake_world_checks_off`): the inner step always runs (AdamHD
   leaves elements whose gradient is not finite unchanged).
+- Tensor parallelism: ``parallelize_module`` runs with ``src_data_rank=None`` (each rank cuts its own copy of the
+  whole weight; the default scatters from rank 0, which a fake collective leaves unfilled). AutoTP's set-up
+  all-reduces the slices' numels over the TP group; a fake all-reduce returns its input, so the library's
+  ``_tp_reduce`` is run again with that all-reduce returning the sum of what the 8 TP coordinates put in. Its
+  training steps remove DeepSpeed's first-forward check that the TP ranks got the same batch (a broadcast) and use
+  a loss on the rank's logits instead of DeepSpeed's vocabulary-parallel cross-entropy (which all-gathers the
+  ranks' vocabulary bounds and checks that they tile the vocabulary).
 - DeepSpeed caches its process groups in module globals; they are put back to their import-time values between
   worlds (:func:`fake_world`), and so are DTensor's cached sharding results (they hold the last world's mesh). Its
   shared-memory all-reduce (for peers on one host) is not built: there are none.
@@ -48,6 +55,7 @@ import bisect
 import contextlib
 import copy
 import dataclasses
+import fnmatch
 import itertools
 import logging
 import math
@@ -833,9 +841,10 @@ def _fill_shards(model, shapes, numels) -> dict[str, float]:
     return want
 
 
-def _fsdp_step(model, opt, want: dict[str, float]) -> dict:
+def _fsdp_step(model, opt, want: dict[str, float], decayed: set[str] | None = None) -> dict:
     """One optimizer step of the filled model (:func:`_fill_shards`): AdamHD must send its one collective the
-    partial sums of exactly the elements this rank holds, of exactly the decayed layers."""
+    partial sums of exactly the elements this rank holds (``want``: with the weight of the elements this rank
+    counts), of exactly the decayed layers (default: the trainable ones with ndim >= 2)."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     problems = []
@@ -862,7 +871,8 @@ def _fsdp_step(model, opt, want: dict[str, float]) -> dict:
             n = param_names[id(p)]
             if abs(s - want[n]) > 1e-6 * max(want[n], 1.0):
                 problems.append(f"{n}: partial Σ|θ| sent to the collective {s!r}, its elements sum to {want[n]!r}")
-        decayed = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
+        if decayed is None:
+            decayed = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
         if {param_names[id(p)] for p in params_of_step[0]} != decayed:
             problems.append("the collective did not carry exactly the decayed layers")
     if counts != {"c10d.allreduce_": 1}:
@@ -871,6 +881,505 @@ def _fsdp_step(model, opt, want: dict[str, float]) -> dict:
     if steps != {1.0}:
         problems.append(f"state steps after one step: {sorted(steps)}")
     return {"problems": problems[:MAX_PROBLEMS], "comm": counts}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor parallelism: torch TP under FSDP2 (2-D mesh) and HSDP (3-D mesh); DeepSpeed AutoTP under ZeRO-1
+TP_VOCAB, TP_DIM, TP_FFN, TP_BLOCKS = 1031, 48, 196, 2  # 1,031 and 196 rows split unevenly over 8 TP ranks
+# the library sums each local tensor in fp32 (``layer_abs_sums``), so a partial sum of these large encoded values
+# is within 2^-24 of its exact value; a miscounted element would move a layer's sum by more than 1e-5 of it
+# (exact element counts are checked separately)
+STAT_RTOL = 1e-6
+TP_DECAY = ("*ln_*.weight", "*.proj.bias", "*.fc2.bias")  # replicated (TP) layers with a statistic too
+
+
+class TPBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(TP_DIM), nn.LayerNorm(TP_DIM)
+        self.q, self.k, self.v, self.proj = (nn.Linear(TP_DIM, TP_DIM) for _ in range(4))
+        self.fc, self.fc2 = nn.Linear(TP_DIM, TP_FFN), nn.Linear(TP_FFN, TP_DIM)
+
+
+class TPGPT(nn.Module):
+    """A GPT-shaped stack for torch tensor parallelism (only its layout and an optimizer step are used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(TP_VOCAB, TP_DIM)
+        self.h = nn.ModuleList(TPBlock() for _ in range(TP_BLOCKS))
+        self.ln_f = nn.LayerNorm(TP_DIM)
+        self.lm_head = nn.Linear(TP_DIM, TP_VOCAB, bias=False)
+
+
+def _tp_plans():
+    """(root plan, block plan): a vocabulary-parallel embedding and head, column-wise q/k/v/fc, row-wise
+    proj/fc2, sequence-parallel norms (torchtitan's plan)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    root = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)), "ln_f": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    block = {"ln_1": SequenceParallel(), "q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(),
+             "proj": RowwiseParallel(output_layouts=Shard(1)), "ln_2": SequenceParallel(), "fc": ColwiseParallel(),
+             "fc2": RowwiseParallel(output_layouts=Shard(1))}
+    return root, block
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dimension the plan above splits a parameter on over "tp" (None: replicated), by what each style does:
+    column-wise splits a Linear's output rows (weight and bias), row-wise its input columns (its bias stays
+    whole), a row-wise embedding its vocabulary rows; sequence-parallel norms are replicated."""
+    module, kind = name.split(".")[-2:]
+    if module in ("wte", "lm_head", "q", "k", "v", "fc"):
+        return 0
+    if module in ("proj", "fc2"):
+        return 1 if kind == "weight" else None
+    return None
+
+
+def _chunk(t: torch.Tensor, parts: int, i: int, dim: int) -> torch.Tensor:
+    """Part i of ``torch.chunk`` (empty past the last part): how DTensor's Shard and FSDP2 cut a dimension."""
+    pieces = t.chunk(parts, dim) if t.shape[dim] else ()
+    return pieces[i] if i < len(pieces) else t.narrow(dim, 0, 0)
+
+
+def _decoded(local: torch.Tensor, layer: int) -> torch.Tensor | str:
+    """Indices in the whole layer of the elements a local tensor holds (values written by :func:`encode_`), in
+    the local tensor's order; a message if some element is not of ``layer``."""
+    code = local.detach().reshape(-1).to(torch.float64).abs().round().to(torch.int64) - 1
+    if code.numel() and (bool((code < 0).any()) or bool(((code >> CODE_BITS) != layer).any())):
+        return f"holds elements of other layers (or uninitialised memory): {local.reshape(-1)[:3].tolist()}"
+    return code & ((1 << CODE_BITS) - 1)
+
+
+def tp_case(hsdp: bool, world: int = 1024, tp: int = 8, replicas: int = 4) -> dict:
+    """FSDP2 over TP on a ("dp", "tp") mesh, or HSDP over TP on ("replicate", "shard", "tp"), at ``world`` ranks:
+
+    - the expectation, from the whole model's shapes: each mesh coordinate (d, t) holds, of each layer, part t of
+      its TP split (:func:`tp_split_dim`, ``torch.chunk``), then part d of that along dim 0 (FSDP2's cut);
+    - as sampled ranks (every TP coordinate, the last rank, edges, a random one), through ``parallelize_module``
+      + ``fully_shard`` + AdamHD: each local tensor holds exactly the expected elements (values name them), the
+      plan reduces over the flattened (dp, tp) sub-mesh (HSDP: (shard, tp) of the rank's replica), every layer's
+      numel is the whole layer's, and the library counts a TP-replicated layer at TP coordinate 0 only;
+    - over every coordinate of the statistic's group, with the library's weights: every element of every layer
+      counted exactly once (HSDP: R times over the world), and the partial sums (``layer_abs_sums``) add up to
+      each whole layer's Σ|θ|;
+    - one optimizer step as ranks 0, a rank with TP coordinate ≠ 0, and the last: ONE all-reduce, carrying
+      this rank's weighted partial sums of exactly the decayed layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    t0 = time.perf_counter()
+    shape = (replicas, world // replicas // tp, tp) if hsdp else (world // tp, tp)
+    dim_names = ("replicate", "shard", "tp") if hsdp else ("dp", "tp")
+    dp = shape[-2]
+    problems = []
+    facts = {"world": world, "mesh": dict(zip(dim_names, shape))}
+
+    def make_model():
+        torch.manual_seed(0)
+        model = TPGPT()
+        encode_(model)
+        return model
+
+    probe = make_model()
+    full = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    names = list(full)
+    layer_id = {n: i for i, n in enumerate(names)}
+    numels = {n: t.numel() for n, t in full.items()}
+    decayed = {n for n, p in full.items() if p.ndim >= 2 or any(fnmatch.fnmatch(n, pat) for pat in TP_DECAY)}
+    mesh_ranks = torch.arange(world).view(shape)  # init_device_mesh's rank layout (row-major)
+    coord = {int(mesh_ranks[idx]): tuple(idx) for idx in itertools.product(*[range(s) for s in shape])}
+
+    def group_of(r):  # the statistic's group: every rank of r's replica (all ranks without HSDP)
+        return sorted(int(x) for x in (mesh_ranks[coord[r][0]] if hsdp else mesh_ranks).reshape(-1))
+
+    # the expectation: (d, t) -> {layer: indices in the whole layer, in local order}
+    expected = {(d, t): {} for d in range(dp) for t in range(tp)}
+    for n, w in full.items():
+        whole, k = torch.arange(w.numel()).view(w.shape), tp_split_dim(n)
+        for t in range(tp):
+            part = _chunk(whole, tp, t, k) if k is not None else whole
+            for d in range(dp):
+                expected[d, t][n] = _chunk(part, dp, d, 0).reshape(-1)
+
+    def counted(n, t):  # the independent rule: a TP-replicated layer counts at TP coordinate 0 only
+        return 1.0 if tp_split_dim(n) is not None or t == 0 else 0.0
+
+    def construct(rank, step=False):
+        model = make_model()
+        with fake_world(world, rank):
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=dim_names)
+            root, block = _tp_plans()
+            # src_data_rank=None: each rank cuts its own copy (the default scatters from rank 0, which a fake
+            # collective leaves unfilled)
+            parallelize_module(model, mesh["tp"], root, src_data_rank=None)
+            for b in model.h:
+                parallelize_module(b, mesh["tp"], block, src_data_rank=None)
+            dp_mesh = mesh["replicate", "shard"] if hsdp else mesh["dp"]
+            for b in model.h:
+                fully_shard(b, mesh=dp_mesh)
+            fully_shard(model, mesh=dp_mesh)
+            opt = adamhd_dist.AdamHD(adamhd_dist.param_groups(model, 0.1, decay=TP_DECAY), lr=1e-3)
+            stats = opt.layer_stats
+            plan = stats.plan()
+            got = {"dims": plan.dims, "group": sorted(dist.get_process_group_ranks(plan.group)),
+                   "coordinate": tuple(mesh.get_coordinate()), "weight": {}, "numel": {}, "local": {},
+                   "placements": {}}
+            params = dict(model.named_parameters())
+            for n, p in params.items():
+                got["weight"][n] = stats._weight(p, plan.dims)
+                got["numel"][n] = stats.layer_numel(p)
+                got["local"][n] = _decoded(p.to_local(), layer_id[n])
+                got["placements"][n] = str(p.placements)
+            if step:
+                t = coord[rank][-1]
+                with torch.no_grad():
+                    want = {n: counted(n, t) * float(p.to_local().abs().sum(dtype=torch.float64))
+                            for n, p in params.items()}
+                for p in params.values():
+                    p.grad = torch.zeros_like(p)
+                got["step"] = _fsdp_step(model, opt, want, decayed)
+        return got
+
+    # sampled ranks: every TP coordinate at the first data-parallel coordinate, then the last rank, the last
+    # data-parallel coordinate holding a norm element and the first holding none, and a random rank
+    first = [int(mesh_ranks[(0,) * (len(shape) - 1) + (t,)]) for t in range(tp)]
+    last_norm = min(TP_DIM, dp) - 1
+    edges = [int(mesh_ranks[(shape[0] - 1,) * hsdp + (last_norm, 1)]),
+             int(mesh_ranks[(shape[0] - 1,) * hsdp + (min(last_norm + 1, dp - 1), 2)])]
+    ranks = sorted(set(first + edges + [world - 1, random.Random(world + hsdp).randrange(world)]))
+    step_ranks = {0, first[tp // 2 + 1], world - 1}
+    want_dims = tuple(range(len(shape) - 2, len(shape)))
+    weights_at_t = {}
+    steps = {}
+    for r in ranks:
+        got = construct(r, step=r in step_ranks)
+        where = f"rank {r} {coord[r]}"
+        d, t = coord[r][-2:]
+        if got["coordinate"] != coord[r]:
+            problems.append(f"{where}: the mesh puts it at {got['coordinate']}")
+        if got["dims"] != want_dims or got["group"] != group_of(r):
+            problems.append(f"{where}: the plan reduces over mesh dims {got['dims']} = {len(got['group'])} ranks "
+                            f"{got['group'][:3]}..., want dims {want_dims} = {len(group_of(r))} ranks")
+        for n in names:
+            local, want = got["local"][n], expected[d, t][n]
+            if isinstance(local, str) or not torch.equal(local, want):
+                problems.append(f"{where}: {n} ({got['placements'][n]}) local tensor "
+                                f"{local if isinstance(local, str) else local[:4].tolist()}..., the plan puts "
+                                f"{want[:4].tolist()}... ({want.numel()} elements) there")
+            if got["numel"][n] != numels[n]:
+                problems.append(f"{where}: {n} layer numel {got['numel'][n]}, the whole layer has {numels[n]}")
+            if got["weight"][n] != counted(n, t):
+                problems.append(f"{where}: {n} counted with weight {got['weight'][n]}, want {counted(n, t)}")
+        if t in weights_at_t and weights_at_t[t] != got["weight"]:
+            problems.append(f"{where}: weights differ from another rank of TP coordinate {t}")
+        weights_at_t.setdefault(t, got["weight"])
+        if "step" in got:
+            steps[r] = got["step"]
+            problems += [f"{where} step: {p}" for p in got["step"]["problems"]]
+        if r == 0:
+            facts["placements"] = {n: got["placements"][n] for n in ("wte.weight", "h.0.proj.weight",
+                                                                     "h.0.ln_1.weight")}
+    # the group's coordinates, each with the library's weights for its TP coordinate (the sampled ranks showed
+    # them the same at every data-parallel coordinate); HSDP: one replica's (every replica holds the same)
+    group = [(t, held) for (d, t), held in expected.items()]
+    problems += _tp_coverage(full, group, weights_at_t)
+    facts.update(ranks=ranks, group=len(group_of(0)), steps=sorted(steps),
+                 comm=[steps[r]["comm"] for r in sorted(steps)],
+                 uneven_tp_layers=sum(1 for n, w in full.items() if tp_split_dim(n) is not None
+                                      and w.shape[tp_split_dim(n)] % tp),
+                 empty_local_shards=sum(1 for key in expected for n in names if expected[key][n].numel() == 0),
+                 replicated_decayed=sorted(n for n in decayed if tp_split_dim(n) is None)[:3],
+                 seconds=round(time.perf_counter() - t0, 2))
+    negative = {"TP replicas counted on every tensor-parallel rank":
+                _tp_coverage(full, group, {t: {n: 1.0 for n in names} for t in range(tp)}),
+                "reduced over the data-parallel dimension only (TP slices of other ranks missing)":
+                _tp_coverage(full, [(t, held) for t, held in group if t == 0], weights_at_t)}
+    if hsdp:
+        negative["HSDP statistic summed over the whole world (replicas counted R times)"] = \
+            _tp_coverage(full, group * replicas, weights_at_t)
+    return {"problems": problems[:4 * MAX_PROBLEMS], "facts": facts, "negative": negative}
+
+
+def _tp_coverage(full, group, weights_at_t) -> list[str]:
+    """Over the statistic's group (``[(TP coordinate, {layer: indices held})]``, one entry per rank), each
+    element of each layer counted with the library's weight for its TP coordinate: exactly once, and the weighted
+    partial sums (``layer_abs_sums``, as AdamHD computes them) equal each whole layer's Σ|θ|."""
+    names = list(full)
+    count = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in full.items()}
+    total = torch.zeros(len(names), dtype=torch.float64)
+    for t, held in group:
+        w = [float(weights_at_t[t][n]) for n in names]
+        for n, wn in zip(names, w):
+            if wn:
+                count[n].index_add_(0, held[n], torch.full((held[n].numel(),), wn, dtype=torch.float64))
+        total += torch.tensor(w, dtype=torch.float64) * \
+            layer_abs_sums([full[n].reshape(-1)[held[n]] for n in names]).to(torch.float64)
+    out = []
+    for n in names:
+        c = count[n]
+        if not bool((c == 1).all()):
+            bad = (c != 1).nonzero().flatten()
+            out.append(f"{n}: {bad.numel()} of {c.numel()} elements counted {sorted(set(c[bad].tolist()))[:3]} "
+                       f"times over the group (e.g. element {int(bad[0])})")
+    want = torch.tensor([float(full[n].abs().sum(dtype=torch.float64)) for n in names], dtype=torch.float64)
+    bad = ((total - want).abs() > STAT_RTOL * want).nonzero().flatten().tolist()
+    out += [f"{names[i]}: Σ over the group of partial Σ|θ| = {float(total[i])!r}, whole layer {float(want[i])!r}"
+            for i in bad]
+    return out[:MAX_PROBLEMS]
+
+
+AUTOTP_VOCAB, AUTOTP_FFN = 1031, 196  # both split unevenly over 8 TP ranks (129 x 7 + 128; 25 x 4 + 24 x 4)
+# what AutoTP splits in a LLaMA (the expectation): the attention and MLP projections and the vocabulary-parallel
+# head; the embedding (not tied) and the RMS norms stay whole on every TP rank
+AUTOTP_SLICED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def autotp_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=AUTOTP_VOCAB, hidden_size=64, intermediate_size=AUTOTP_FFN, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=8,
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).float()
+    encode_(model)
+    return model
+
+
+def autotp_config(tp: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+            "optimizer": {"type": "AdamHD", "params": {"lr": 1e-3, "weight_decay": 0.1}},
+            "zero_optimization": {"stage": 1},
+            "tensor_parallel": {"autotp_size": tp, "vocab_parallel_lm_head": True}, "steps_per_print": 10 ** 9}
+
+
+def autotp_case(world: int = 1024, tp: int = 8) -> dict:
+    """DeepSpeed AutoTP (tp 8) with ZeRO-1 over the data-parallel ranks (dp 128), at ``world`` ranks, through
+    ``adamhd_dist.deepspeed.initialize`` run as one rank per TP coordinate (and a second rank per coordinate):
+
+    - every dp rank's layout at that TP coordinate is the library's (``_layout_stage12`` on DeepSpeed's W/tp
+      partition views, as ``attach`` calls it; the attached one at the constructed rank); the values in the
+      engine's buffers name the elements of the whole layer each fragment holds;
+    - the one collective's weights and scale are the library's own (``_tp_reduce`` run at each TP coordinate, the
+      all-reduce of the slices' numels over the TP group made to return their sum over the 8 coordinates; the
+      weights read as what it hands the collective);
+    - over all tp × dp ranks, every element of every layer (whole model, unsharded shapes) counted exactly once,
+      TP-replicated layers from TP rank 0 only; and every layer's mean |θ| from the emulated all-reduce of the
+      library's partial sums (``FlatLayout.local_sums`` on the engine's buffers) divided by the library's numel
+      is the whole layer's, at every TP coordinate."""
+    import deepspeed.utils.groups as groups
+    import adamhd_dist.integrations.deepspeed as ds_integration
+
+    t0 = time.perf_counter()
+    dp = world // tp
+    probe = autotp_model()
+    full = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    names = list(full)
+    layer_id = {n: i for i, n in enumerate(names)}
+    problems, facts = [], {"world": world, "tp": tp, "dp": dp}
+    mean_want = {n: float(w.abs().sum(dtype=torch.float64)) / w.numel() for n, w in full.items()}
+
+    def build(rank):
+        eng, *_ = ads.initialize(model=autotp_model(), config=autotp_config(tp))
+        zopt = eng.optimizer
+        tpg, dpg = groups.get_tensor_model_parallel_group(), zopt.dp_process_group
+        where = (dist.get_rank(group=dpg), dist.get_rank(group=tpg))
+        lnames = {id(p): n for n, p in eng.module.named_parameters()}
+        view = ds_compat.stage12_view(zopt, ds_compat.zero_kind(zopt))
+        layer_params = [p for lps in view.lp_groups for p in lps]
+        return eng, zopt, tpg, dpg, where, lnames, view, layer_params
+
+    def tp_reduce(layer_params, dpg, tpg, numel_sum=None):
+        """The library's reduce at this rank; the slices' numels all-reduced over TP: recorded, and (given
+        ``numel_sum``) returned as the real all-reduce would (the fake one returns its input)."""
+        seen = []
+
+        def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            seen.append(tensor.clone())
+            if numel_sum is not None:
+                tensor.copy_(numel_sum)
+        with mock.patch.object(dist, "all_reduce", all_reduce):
+            reduce = ads._tp_reduce(layer_params, dpg, tpg)
+        return reduce, seen
+
+    def sent_and_result(reduce, sums, reduced=None):
+        """(what ``reduce`` hands its all-reduce, what it returns when the all-reduce gives ``reduced``)."""
+        box = []
+
+        def all_reduce_sums(t, group, device_type):
+            box.append(t.clone())
+            return t.clone() if reduced is None else reduced.clone()
+        with mock.patch.object(ds_integration, "all_reduce_sums", all_reduce_sums):
+            out = reduce(sums)
+        return box[0], out
+
+    # pass 1, one rank per TP coordinate (at data-parallel coordinates 0, dp-1, and between): the library's
+    # layout of every dp rank, what each fragment holds, its partial sums; the slices' numels as TP reduces them
+    first = {t: ((0, dp - 1, dp // 2, 1)[t % 4] * tp + t) for t in range(tp)}
+    per_t = {}
+    for t, rank in first.items():
+        with fake_world(world, rank), no_gc_collect():
+            eng, zopt, tpg, dpg, where, lnames, view, layer_params = build(rank)
+            if where != (rank // tp, t) or dist.get_world_size(group=dpg) != dp:
+                problems.append(f"rank {rank}: DeepSpeed puts it at (dp, tp) = {where} of {dp} dp ranks, "
+                                f"want ({rank // tp}, {t})")
+            sliced = {lnames[id(p)]: ds_compat.is_tp_sliced(p) for p in layer_params}
+            wrong = [n for n, s in sliced.items() if s != any(k in n for k in AUTOTP_SLICED)]
+            if wrong:
+                problems.append(f"TP coordinate {t}: AutoTP sliced {wrong[:3]} otherwise than expected")
+            lay = eng._adamhd_optimizer.layer_stats.layout
+            held, sums, table = {}, {}, None
+            for d in range(dp):
+                parts = [zopt.parallel_partitioned_bit16_groups[g][d] for g in range(len(view.partitions))]
+                lnames_d, numels_d, groups_d, frags, shapes_d, _ = ads._layout_stage12(
+                    dataclasses.replace(view, partitions=parts), lnames, d)
+                table = table or (lnames_d, numels_d)
+                if (lnames_d, numels_d) != table:
+                    problems.append(f"TP coordinate {t}, dp rank {d}: another layer table")
+                if d == rank // tp and lay.cuts() != {i: [(lnames_d[f.layer], f.start, f.numel, f.offset)
+                                                          for f in frags[flat]] for i, flat in enumerate(frags)}:
+                    problems.append(f"rank {rank}: the attached layout is not _layout_stage12's for its dp rank")
+                sums[d] = FlatLayout(lnames_d, numels_d, groups_d, frags, None).local_sums()
+                held[d] = defaultdict(list)
+                for flat, fs in frags.items():
+                    for f in fs:
+                        n = lnames_d[f.layer]
+                        idx = _decoded(flat[f.start:f.start + f.numel], layer_id[n])
+                        if isinstance(idx, str):
+                            problems.append(f"TP {t}, dp {d}: the fragment of {n} {idx}")
+                            continue
+                        held[d][n].append(idx)
+            reduce, seen = tp_reduce(layer_params, dpg, tpg)
+            per_t[t] = {"held": held, "sums": sums, "names": table[0], "numels": table[1], "numel_in": seen[0],
+                        "sliced": sliced, "rank": rank}
+            if rank == 0:
+                facts["local_numels_tp0"] = dict(zip(table[0], table[1]))
+        if len(seen) != 1:
+            problems.append(f"TP coordinate {t}: _tp_reduce all-reduced {len(seen)} tensors at set-up, want 1")
+    lib_names = per_t[0]["names"]
+    if sorted(lib_names) != sorted(names) or any(per_t[t]["names"] != lib_names for t in per_t):
+        problems.append("the layer table does not hold every parameter once, in one order on every TP rank")
+    numel_sum = sum(per_t[t]["numel_in"] for t in per_t)  # what the real all-reduce over TP returns
+
+    # pass 2, another rank per TP coordinate: its attached layout is the one pass 1 predicted for its dp rank;
+    # the library's reduce with the real numel sum: its weights (what it sends) and, later, its scale
+    second = {t: (first[t] + (dp // 4 + 3) * tp) % world for t in range(tp)}
+    reduces = {}
+    for t, rank in second.items():
+        with fake_world(world, rank), no_gc_collect():
+            eng, zopt, tpg, dpg, where, lnames, view, layer_params = build(rank)
+            lay = eng._adamhd_optimizer.layer_stats.layout
+            d = where[0]
+            got = defaultdict(list)
+            for flat, fs in lay.fragments.items():
+                for f in fs:
+                    got[lay.names[f.layer]].append(_decoded(flat[f.start:f.start + f.numel],
+                                                            layer_id[lay.names[f.layer]]))
+            pred = per_t[t]["held"][d]
+            if where[1] != t or sorted(got) != sorted(pred) or any(
+                    not torch.equal(torch.cat(got[n]), torch.cat(pred[n])) for n in pred):
+                problems.append(f"rank {rank} (dp {d}, tp {where[1]}): its fragments hold other elements than "
+                                f"the layout computed at rank {per_t[t]['rank']} for dp rank {d}")
+            reduces[t], _ = tp_reduce(layer_params, dpg, tpg, numel_sum)
+    weights = {t: sent_and_result(reduces[t], torch.ones(len(lib_names), dtype=torch.float64))[0]
+               for t in per_t}
+
+    # over all tp × dp ranks: every element counted once, with the library's weights
+    count = {n: torch.zeros(w.numel(), dtype=torch.float64) for n, w in full.items()}
+    held_raw = {n: 0 for n in names}
+    total = torch.zeros(len(lib_names), dtype=torch.float64)
+    for t in per_t:
+        w = dict(zip(lib_names, weights[t].tolist()))
+        for d in range(dp):
+            for n, pieces in per_t[t]["held"][d].items():
+                idx = torch.cat(pieces)
+                held_raw[n] += idx.numel()
+                count[n].index_add_(0, idx, torch.full((idx.numel(),), w[n], dtype=torch.float64))
+            total += sent_and_result(reduces[t], per_t[t]["sums"][d])[0]  # what this rank adds to the sum
+    for n in names:
+        if not bool((count[n] == 1).all()):
+            bad = (count[n] != 1).nonzero().flatten()
+            problems.append(f"{n}: {bad.numel()} of {full[n].numel()} elements counted "
+                            f"{sorted(set(count[n][bad].tolist()))[:3]} times over tp x dp")
+    # every TP coordinate's δ statistic: the reduced sum, scaled by the library, over the library's numel
+    for t in per_t:
+        _, out = sent_and_result(reduces[t], per_t[t]["sums"][0], reduced=total)
+        for i, n in enumerate(lib_names):
+            mean = float(out[i]) / per_t[t]["numels"][i]
+            if abs(mean - mean_want[n]) > STAT_RTOL * mean_want[n]:
+                problems.append(f"TP coordinate {t}: {n} mean |θ| {mean!r}, whole layer {mean_want[n]!r}")
+    uneven = sorted({n.split(".")[-2] for n in names if per_t[0]["sliced"][n] and
+                     len({per_t[t]["numels"][lib_names.index(n)] for t in per_t}) > 1})
+    replicated = [n for n in names if not per_t[0]["sliced"][n]]
+    facts.update(ranks=sorted(set(first.values()) | set(second.values())), layers=len(names),
+                 sliced=sum(per_t[0]["sliced"].values()), uneven=uneven,
+                 replicated_held=sorted({held_raw[n] // full[n].numel() for n in replicated}),
+                 sliced_held=sorted({held_raw[n] // full[n].numel() for n in names if n not in replicated}),
+                 seconds=round(time.perf_counter() - t0, 2))
+    # negative controls: every TP copy counted (no rank-0 rule); the slice's numel taken as the layer's
+    ones = {t: {n: 1.0 for n in names} for t in per_t}
+    group = [(t, {n: torch.cat(p) for n, p in per_t[t]["held"][d].items()}) for t in per_t for d in range(dp)]
+    for _, held in group:
+        for n in names:
+            held.setdefault(n, torch.zeros(0, dtype=torch.long))
+    negative = {"TP replicas counted on every tensor-parallel rank": _tp_coverage(full, group, ones)}
+    naive = []
+    for i, n in enumerate(lib_names):
+        mean = float(total[i]) / per_t[0]["numels"][i]  # no local/whole scale
+        if abs(mean - mean_want[n]) > STAT_RTOL * mean_want[n]:
+            naive.append(f"{n}: mean |θ| {mean!r} over the slice's numel, whole layer {mean_want[n]!r}")
+    negative["AutoTP slice's numel taken as the layer's"] = naive[:MAX_PROBLEMS]
+    return {"problems": problems[:4 * MAX_PROBLEMS], "facts": facts, "negative": negative}
+
+
+def autotp_step(world: int, rank: int, tp: int = 8, steps: int = 2) -> dict:
+    """Two training steps of the AutoTP model as rank ``rank`` of ``world``: AdamHD's collectives per step."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, AUTOTP_VOCAB, (1, 8), generator=g)
+    per_step, groups_seen = [], []
+    with fake_world(world, rank), no_gc_collect():
+        eng, *_ = ads.initialize(model=autotp_model(), config=autotp_config(tp))
+        # DeepSpeed checks at the first forward that the TP ranks got the same batch (a broadcast of the inputs
+        # from TP rank 0, compared): a fake broadcast carries nothing, so that check is removed (the engine's handle)
+        eng.first_dataloader_check.remove()
+        opt = eng._adamhd_optimizer
+        counts = defaultdict(int)
+        real_all_reduce = dist.all_reduce
+
+        def recording(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            groups_seen.append(dist.get_world_size(group))
+            return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+        def counted(fn):
+            def wrapper(*args, **kwargs):
+                with CommDebugMode() as comm, mock.patch.object(dist, "all_reduce", recording):
+                    out = fn(*args, **kwargs)
+                for k, v in comm.get_comm_counts().items():
+                    counts[str(k)] += v
+                return out
+            return wrapper
+
+        for h in ("begin_step", "step"):
+            setattr(opt, h, counted(getattr(opt, h)))
+        for _ in range(steps):
+            counts.clear()
+            # a loss on this rank's logits: DeepSpeed's vocabulary-parallel cross-entropy first all-gathers every TP
+            # rank's vocabulary bounds and checks that they tile the vocabulary, which a fake all-gather leaves
+            # unfilled (what AdamHD does in the step does not depend on the loss)
+            eng.backward(eng(input_ids=x).logits.float().square().mean())
+            eng.step()
+            per_step.append(dict(counts))
+        state_steps = sorted({float(st["step"]) for st in opt.state.values() if "step" in st})
+        deltas = torch.tensor(list(adamhd_dist.layer_deltas(opt).values()))
+    return {"per_step": per_step, "groups": groups_seen, "want_group": world, "state_steps": state_steps,
+            "deltas": deltas.numel(), "delta_finite": bool(torch.isfinite(deltas).all())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -952,11 +1461,19 @@ STEP_ENGINES = ("zero1", "zero2", "zero3", "fsdp", "hsdp")
 
 def run(parts: int = 2) -> dict:
     """This process's share of every case, one after another (the cases are split over ``parts`` processes by
-    RANK: 0 takes the DeepSpeed layouts, 1 the FSDP2/HSDP layouts and the steps). Returns
-    {"deepspeed": {key: result}, "fsdp": {...}, "steps": {...}, "seconds": {part: seconds}}."""
+    RANK: 0 takes the DeepSpeed layouts and AutoTP, 1 the FSDP2/HSDP layouts, FSDP2/HSDP over TP and the
+    steps). Returns {"deepspeed": {key: result}, "fsdp": {...}, "tp": {...}, "steps": {...},
+    "seconds": {part: seconds}}."""
     part = int(os.environ.get("RANK", "0")) if parts > 1 else None
     t0 = time.perf_counter()
-    out = {"deepspeed": {}, "fsdp": {}, "steps": {}}
+    out = {"deepspeed": {}, "fsdp": {}, "tp": {}, "steps": {}}
+    if part in (None, 0):
+        out["tp"]["autotp-W1024"] = autotp_case(1024)
+        for rank in (0, 1023):
+            out["steps"][f"autotp-W1024-r{rank}"] = autotp_step(1024, rank)
+    if part in (None, 1):
+        for hsdp in (False, True):
+            out["tp"][f"{'hsdp' if hsdp else 'fsdp'}-tp-W1024"] = tp_case(hsdp, 1024)
     for world in WORLDS + EXTRA_WORLDS:
         models = ("adversarial",) + (GPT3 if world in WORLDS else ())
         if part in (None, 0):
@@ -974,4 +1491,5 @@ def run(parts: int = 2) -> dict:
                     out["steps"][key] = step_case(engine, world, rank)
                     out["steps"][key]["seconds"] = round(time.perf_counter() - t, 2)
     out["seconds"] = {part: round(time.perf_counter() - t0, 1)}
+    out["cpu_seconds"] = {part: round(time.process_time(), 1)}
     return out

@@ -40,16 +40,32 @@ Steps: each engine trains the adversarial model 2 steps as ranks 0 and W−1 of 
 collective per training step (an all_reduce over W ranks; HSDP: over the shard group), whatever W and however many
 ZeRO-3 sub-groups; its state advances and every δ is finite.
 
+Tensor parallelism, at W = 1,024 (``scale_workers.tp_case`` / ``autotp_case``): FSDP2 over TP on a (dp 128, tp 8)
+mesh and HSDP over TP on (replicate 4, shard 32, tp 8), a GPT-shaped stack through ``parallelize_module``
+(vocabulary-parallel embedding and head, column-wise q/k/v/fc, row-wise proj/fc2, sequence-parallel norms) and
+``fully_shard``; and DeepSpeed AutoTP (tp 8) with ZeRO-1 (dp 128) on a LLaMA built from its config. Vocabulary
+1,031 and FFN 196 split unevenly over 8. Sampled ranks (every TP coordinate, edges, the last) hold exactly the
+elements the plan puts at their coordinate (values name them); over every coordinate of the statistic's group,
+with the library's own weights, every element of every layer (from the whole model's shapes) counts exactly once,
+TP-replicated layers from TP coordinate 0 only; the partial sums add up to each whole layer's Σ|θ| (AutoTP: the
+library's scale and numel give each layer's mean |θ| at every TP rank); one all-reduce per step (FSDP2/HSDP x TP
+as ranks 0, 5 and 1,023; AutoTP: two training steps as ranks 0 and 1,023).
+
 Negative controls: the same checks on layouts that are wrong on purpose (a fragment read one element late, into the
-padding; an offset shifted by one; no reduction; a per-shard numel; HSDP summed over replicas) must report problems.
+padding; an offset shifted by one; no reduction; a per-shard numel; HSDP summed over replicas; TP replicas counted
+on every TP rank; a reduction over the data-parallel dimension only; AutoTP's slice numel taken as the layer's) must
+report problems.
 
 Run time: each process takes about 35-40 s of CPU (imports included) and about 1.5 GB at its peak; side by side
-on two free cores the fixture takes under a minute.
+on two free cores the fixture takes under a minute. The tensor-parallel cases add about 18 s of CPU, split over the
+two processes (measured alone: FSDP2 x TP 6.5 s, HSDP x TP 5.6 s, AutoTP 5.7 s and its steps 0.8 s, plus importing
+transformers).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,14 +80,15 @@ DS_CASES = [f"{m}-zero{s}-W{w}" for w in WORLDS for m in MODELS for s in (1, 2, 
 FSDP_CASES = [f"{m}-{k}-W{w}" for w in WORLDS for m in MODELS for k in ("fsdp", "hsdp")] + \
     [f"adversarial-{k}-W{w}" for w in SMALL_ONLY for k in ("fsdp", "hsdp")]
 STEP_CASES = [f"{e}-W{w}-r{r}" for w in WORLDS + SMALL_ONLY for e in ("zero1", "zero2", "zero3", "fsdp", "hsdp")
-              for r in (0, w - 1)]
+              for r in (0, w - 1)] + ["autotp-W1024-r0", "autotp-W1024-r1023"]
+TP_CASES = ["fsdp-tp-W1024", "hsdp-tp-W1024", "autotp-W1024"]
 HSDP_REPLICAS = {8: 2, 64: 4, 1024: 8, 4096: 16}
 
 
 @pytest.fixture(scope="module")
 def scale():
     parts = run_ranks("scale_workers:run", 2, timeout=420, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
-    out = {"deepspeed": {}, "fsdp": {}, "steps": {}, "seconds": {}}
+    out = {"deepspeed": {}, "fsdp": {}, "tp": {}, "steps": {}, "seconds": {}}
     for part in parts:
         for key in out:
             out[key].update(part[key])
@@ -82,6 +99,7 @@ def test_every_case_ran(scale):
     assert sorted(scale["deepspeed"]) == sorted(DS_CASES)
     assert sorted(scale["fsdp"]) == sorted(FSDP_CASES)
     assert sorted(scale["steps"]) == sorted(STEP_CASES)
+    assert sorted(scale["tp"]) == sorted(TP_CASES)
 
 
 @pytest.mark.parametrize("case", DS_CASES)
@@ -132,6 +150,41 @@ def test_fsdp2_adversarial_situations_occur(scale):
     assert f["ranks_with_empty_shards"] > 0 and f["steps"]
 
 
+@pytest.mark.parametrize("case", ["fsdp-tp-W1024", "hsdp-tp-W1024"])
+def test_fsdp2_over_tensor_parallel_exact_at_1024_ranks(scale, case):
+    """FSDP2 x TP on a (dp 128, tp 8) mesh and HSDP x TP on (replicate 4, shard 32, tp 8): every sampled rank
+    holds exactly the elements the plan puts at its coordinate, and over the statistic's group every element of
+    every layer counts once (TP-replicated layers from TP coordinate 0); one all-reduce per step."""
+    res = scale["tp"][case]
+    assert res["problems"] == [], f"{case}:\n" + "\n".join(res["problems"])
+    f = res["facts"]
+    hsdp = case.startswith("hsdp")
+    assert f["world"] == 1024 and f["mesh"] == ({"replicate": 4, "shard": 32, "tp": 8} if hsdp else
+                                                 {"dp": 128, "tp": 8})
+    assert f["group"] == (256 if hsdp else 1024)
+    assert set(range(8)) <= set(f["ranks"]) and 1023 in f["ranks"]  # every TP coordinate, and the last rank
+    assert f["comm"] == [{"c10d.allreduce_": 1}] * 3 and len(f["steps"]) == 3
+    # the layouts the rule must survive: FSDP2's strided shard over TP, a 2-D split, replicated decayed layers,
+    # uneven TP splits (vocabulary 1,031 and FFN 196 over 8) and empty local shards
+    assert "_StridedShard" in f["placements"]["wte.weight"]
+    assert "Shard(dim=1)" in f["placements"]["h.0.proj.weight"]
+    assert "Replicate()" in f["placements"]["h.0.ln_1.weight"] and f["replicated_decayed"]
+    assert f["uneven_tp_layers"] >= 4 and f["empty_local_shards"] > 0
+
+
+def test_autotp_counting_exact_at_1024_ranks(scale):
+    """DeepSpeed AutoTP (tp 8) with ZeRO-1 (dp 128): over all 1,024 ranks every element of every layer counted
+    once by the library's layout and weights, TP-replicated layers from TP rank 0 only, and every layer's mean
+    |θ| from the reduced partial sums (the library's scale and numel) the whole layer's, at every TP rank."""
+    res = scale["tp"]["autotp-W1024"]
+    assert res["problems"] == [], "\n".join(res["problems"])
+    f = res["facts"]
+    assert (f["world"], f["tp"], f["dp"]) == (1024, 8, 128) and len(f["ranks"]) == 16
+    assert f["layers"] == 21 and f["sliced"] == 15
+    assert f["uneven"] == ["down_proj", "gate_proj", "lm_head", "up_proj"]  # 1,031 and 196 over 8 TP ranks
+    assert f["replicated_held"] == [8] and f["sliced_held"] == [1]  # held: replicas 8 times, slices once
+
+
 @pytest.mark.parametrize("case", STEP_CASES)
 def test_each_rank_steps_with_one_collective(scale, case):
     res = scale["steps"][case]
@@ -148,13 +201,16 @@ def test_each_rank_steps_with_one_collective(scale, case):
 def test_negative_controls_are_detected(scale):
     """The checks fail on layouts that are wrong on purpose."""
     controls = {}
-    for section in ("deepspeed", "fsdp"):
+    for section in ("deepspeed", "fsdp", "tp"):
         for case, res in scale[section].items():
             for name, found in res.get("negative", {}).items():
                 controls.setdefault(name, []).append((case, found))
     assert set(controls) == {"a fragment read one element late (its last element is padding)",
                              "offset shifted by one", "no reduction (rank 0's partial sums)", "per-shard numel",
-                             "HSDP statistic summed over the whole world (replicas counted R times)"}
+                             "HSDP statistic summed over the whole world (replicas counted R times)",
+                             "TP replicas counted on every tensor-parallel rank",
+                             "reduced over the data-parallel dimension only (TP slices of other ranks missing)",
+                             "AutoTP slice's numel taken as the layer's"}
     for name, runs in controls.items():
         undetected = [case for case, found in runs if not found]
         assert not undetected, f"{name!r} went undetected in {undetected}"
@@ -183,3 +239,54 @@ def test_readme_cost_model_counts_match_presets():
         assert (tensors, flat_bytes) == (len(params), 8 * len(params)), name
         assert (decayed, dtensor_bytes) == (n_decayed, 8 * n_decayed), name
         assert millions == round(count_parameters(name) / 1e6), name
+
+
+# the tensor-parallel cost model (bench/cost_model.py): its table is the README's, and its α-β model is the one the
+# README's ring/tree table was computed with
+README_PROPOSED = README.parent / "README_scale.md"
+TP_HEADING = "**Under tensor parallelism**"
+
+
+def _cost_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cost_model", README.parent / "bench" / "cost_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cost_model"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _seconds(value: str, unit: str) -> float:
+    return float(value) * {"µs": 1e-6, "ms": 1e-3}[unit]
+
+
+def test_tensor_parallel_cost_model_is_the_readmes():
+    cost = _cost_model()
+    text = README.read_text()
+    if TP_HEADING not in text:  # not merged into the README yet: the proposed text
+        text = README_PROPOSED.read_text()
+    assert TP_HEADING in text
+    assert cost.tp_table() in text, "the README's tensor-parallel table is not what bench/cost_model.py computes"
+    # the function's ring and tree times are the README's W table (its largest message, gpt3-175b under ZeRO)
+    section = re.search(r"## Scale: one all-reduce per step at 8 to 10,000\+ ranks\n(.*?)\n## ", README.read_text(),
+                        re.S).group(1)
+    rows = re.findall(r"^\| ([\d,]+) \| ([\d.]+) (µs|ms) \| ([\d.]+) (µs|ms) \|", section, re.M)
+    assert [int(r[0].replace(",", "")) for r in rows] == [8, 64, 1024, 4096]
+    n = cost.message_bytes(cost.layer_counts("gpt3-175b")[0])
+    assert n == 9248
+    for w, ring, ring_unit, tree, tree_unit in rows:
+        w = int(w.replace(",", ""))
+        assert cost.ring_seconds(n, w) == pytest.approx(_seconds(ring, ring_unit), rel=0.01), w
+        assert cost.tree_seconds(n, w) == pytest.approx(_seconds(tree, tree_unit), rel=0.01), w
+    # the layer counts are the main table's (tensors under a flat layout, decayed ones on the DTensor path)
+    main = {r[0]: (int(r[1].replace(",", "")), int(r[3].replace(",", ""))) for r in re.findall(
+        r"^\| (gpt3-\w+) \| ([\d,]+) \| ([\d,]+) B \| ([\d,]+) \|", section, re.M)}
+    for row in cost.tp_rows():
+        tensors, decayed = main[row["model"]]
+        assert row["layers"] == (tensors if "AutoTP" in row["layout"] else decayed)
+        assert row["bytes"] == 8 * row["layers"] and row["world"] == 1024
+        assert row["group"] == (256 if "HSDP" in row["layout"] else 1024)
+    # the gradient traffic: a reduce-scatter sends (D-1)/D of the slice; HSDP adds a ring all-reduce of the shard
+    assert cost.gradient_bytes(8_000, 8, 128) == pytest.approx(127 / 128 * 1_000 * 2)
+    assert cost.gradient_bytes(8_000, 8, 32, 4) == pytest.approx(31 / 32 * 2_000 + 2 * 3 / 4 * 2_000 / 32)
