@@ -5,9 +5,10 @@ the data-parallel ones: its statistic is the sum over both, and a layer AutoTP k
 the row-wise biases) must be counted once, all in the one all-reduce of the step. Checked against one process on
 the whole model over the same global batches (params and every δ within 1e-5), through
 ``adamhd_dist.deepspeed.initialize``, the user's own ``deepspeed.initialize`` + ``attach`` and DeepSpeed's
-optimizer wrapper; a same-layout save/resume; a universal checkpoint of a tp-1 × dp-2 run loaded at tp 2 × dp 1;
-the refusals; and the data-parallel-only sum as a negative control. One launch of 2 ranks (tp 2 x dp 1) carries every case: a launch of transformers + DeepSpeed on a loaded 2-core
-machine costs most of the time.
+optimizer wrapper; a same-layout save/resume; a universal checkpoint of a tp-1 run (all ranks data-parallel)
+loaded at tp 2; the refusals; and the data-parallel-only sum as a negative control. One launch of 4 ranks
+(tp 2 × dp 2) carries every case: a launch of transformers + DeepSpeed on a loaded 2-core machine costs most of
+the time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ TOL = 1e-5
 CASES = [{"stage": 1}, {"stage": 2}, {"stage": 2, "door": "attach"}, {"stage": 1, "door": "wrapper"},
          {"stage": 2, "naive": True}, {"stage": 2, "ckpt": True}]
 REFUSALS = [(0, "initialize"), (3, "initialize"), (0, "attach")]
-UNIVERSAL = [1, 2]  # ZeRO stages loading a tp-1 × dp-2 universal checkpoint at tp 2 × dp 1
+WORLD, TP = 4, 2
+UNIVERSAL = [1, 2]  # ZeRO stages loading a tp-1 × dp-4 universal checkpoint at tp 2 × dp 2
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,9 @@ def autotp_ck(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tp2(autotp_ck):
-    return run_ranks("dist_workers_autotp:suite", 2, timeout=900,
-                     kwargs={"world": 2, "tp": 2, "cases": CASES, "refusals": REFUSALS, "ckpt_dir": str(autotp_ck),
-                             "universal": UNIVERSAL})
+    return run_ranks("dist_workers_autotp:suite", WORLD, timeout=900,
+                     kwargs={"world": WORLD, "tp": TP, "cases": CASES, "refusals": REFUSALS,
+                             "ckpt_dir": str(autotp_ck), "universal": UNIVERSAL})
 
 
 def _key(case):
@@ -51,7 +53,10 @@ def whole(ranks, key, ref_params, part="params"):
     order along the dimension AutoTP cut."""
     by_tp = {}
     for r in ranks:
-        by_tp.setdefault(r[key]["tp_rank"], r[key] if part == "params" else r[key][part])
+        res = r[key] if part == "params" else r[key][part]
+        first = by_tp.setdefault(r[key]["tp_rank"], res)
+        for name, (p, _) in res["params"].items():  # data-parallel replicas of a tensor-parallel rank agree
+            assert torch.equal(p, first["params"][name][0]), (key, name)
     out = {}
     for name, ref in ref_params.items():
         pieces = [by_tp[t]["params"][name] for t in sorted(by_tp)]
@@ -108,7 +113,7 @@ def test_autotp_without_exact_layout_is_refused(tp2, stage, door):
 
 
 def test_universal_checkpoint_changes_tensor_and_data_parallel_degree(tp2):
-    """tp 1 × dp 2 (ZeRO-2) saved at step 2 → ``to-universal`` → tp 2 × dp 1 under ZeRO-1 and ZeRO-2: DeepSpeed cuts
+    """tp 1 × dp 4 (ZeRO-2) saved at step 2 → ``to-universal`` → tp 2 × dp 2 under ZeRO-1 and ZeRO-2: DeepSpeed cuts
     the whole weights and moments for AutoTP, μ comes by layer name; the last steps land on the one-process run."""
     assert "error" not in tp2[0]["tp1"], tp2[0]["tp1"]["error"]
     assert max(errors(tp2, "tp1")) < TOL  # the tp-1 run itself is exact
@@ -124,13 +129,13 @@ def test_tensor_parallel_checkpoints_refuse_our_reshard_and_the_export(tp2, auto
     """Our reshard and export join data-parallel pieces by layer name: a checkpoint of another tensor-parallel
     size is refused at load, and an AutoTP checkpoint at export, both naming the universal checkpoint."""
     msg = tp2[0]["plain_reshard"]
-    assert msg and "was written at tensor-parallel size 1, 1 pipeline stage(s) and 2 data-parallel ranks; this " \
-        "engine runs tensor-parallel size 2, 1 stage(s) and 1 data-parallel ranks" in msg, msg
+    assert msg and f"was written at tensor-parallel size 1, 1 pipeline stage(s) and {WORLD} data-parallel ranks; " \
+        f"this engine runs tensor-parallel size {TP}, 1 stage(s) and {WORLD // TP} data-parallel ranks" in msg, msg
     assert '"checkpoint": {"load_universal": true}' in msg
     src = autotp_ck / "ck_ckptTrue_stage2"
     proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(src), "--out",
                            str(autotp_ck / "x.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "holds tensor-parallel slices (2 model-parallel ranks): export joins data-parallel pieces only" in \
+    assert f"holds tensor-parallel slices ({TP} model-parallel ranks): export joins data-parallel pieces only" in \
         proc.stderr and "to-universal" in proc.stderr, proc.stderr[-3000:]
     assert not (autotp_ck / "x.pt").exists()
