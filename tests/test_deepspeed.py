@@ -96,6 +96,8 @@ def world3(world2):
                            "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bare.returncode == 0, bare.stderr[-3000:]
+    three = to_universal_cli(os.path.join(ck, "ck_zero3", "part"), os.path.join(ck, "uni_zero3", "part_universal"))
+    assert three.returncode == 0, three.stderr[-3000:]
     # our conversion with one decayed layer's μ taken out of the side file (another model's, or a lost stage file)
     partial = os.path.join(ck, "uni_partial")
     shutil.copytree(os.path.join(ck, "uni_zero2"), partial)
@@ -105,7 +107,7 @@ def world3(world2):
     torch.save(side, side_path)
     return run_ranks("dist_workers_deepspeed:suite", 3, timeout=900, kwargs=dict(
         world=3, fp32=STAGE_CASES, ckpt_dir=ck, reshard=SAVES, lowp=LOWP,
-        universal=[("uni_zero2", 2, {}), ("uni_bare", 2, {}), ("uni_partial", 2, {})]))
+        universal=[("uni_zero2", 2, {}), ("uni_bare", 2, {}), ("uni_partial", 2, {}), ("uni_zero3", 3, {})]))
 
 
 def rel_param_err(params, ref_params):
@@ -298,10 +300,10 @@ def test_universal_checkpoint_from_world_2_resumes_at_world_3_with_every_mu(worl
     assert_matches_reference(world3[0]["universal"]["uni_zero2"], ref, "universal 2 -> 3")
 
 
-def test_universal_checkpoint_without_mu_is_refused_before_anything_loads(world3):
+def test_universal_checkpoint_without_mu_or_at_zero3_is_refused_before_anything_loads(world3):
     """DeepSpeed's own ``ds_to_universal`` drops AdamHD's side file: loading it would restart every layer's δ
-    average silently (3.5 % off five steps later), so the load refuses, naming the fix, and the fresh engine keeps
-    its initial weights."""
+    average silently (3.5 % off five steps later), so the load refuses, naming the fix; so does a side file missing
+    a decayed layer, and a universal load at ZeRO-3. Each fresh engine keeps its initial weights."""
     init = dict(W.make_model().named_parameters())
     for r in world3:
         res = r["universal"]["uni_bare"]
@@ -311,6 +313,12 @@ def test_universal_checkpoint_without_mu_is_refused_before_anything_loads(world3
             assert torch.equal(st["param"], init[name].detach()), name
         partial = r["universal"]["uni_partial"].get("error", "")
         assert "has no μ for 1 decayed layer(s) of this model, e.g. ['l1.weight']" in partial, partial
+        # ZeRO-3 reads a universal checkpoint exactly but does not train on as the uninterrupted run: refused
+        three = r["universal"]["uni_zero3"]
+        assert '"load_universal": true} with ZeRO stage 3' in three.get("error", ""), three.get("error")
+        assert "load the original checkpoint without load_universal" in three["error"]
+        for name, st in three["state"].items():
+            assert torch.equal(st["param"], init[name].detach()), name
 
 
 def test_to_universal_command_refuses_bad_input(world2, tmp_path):

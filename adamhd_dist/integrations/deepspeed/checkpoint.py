@@ -85,6 +85,18 @@ def _check_universal_coverage(layer_state: dict | None, opt: AdamHD, tag_dir: Pa
                          f"stage was not copied into it")
 
 
+def _refuse_universal_zero3(engine, tag_dir: Path) -> None:
+    """ZeRO-3 reads a universal checkpoint into its fp32 partitions exactly, but the run then leaves the
+    uninterrupted one (4.4e-3 of max|θ| five steps later in tests/test_deepspeed.py's harness): refused until it is
+    exact. Our own reshard covers ZeRO-3 at another data-parallel size."""
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError(
+            f'"checkpoint": {{"load_universal": true}} with ZeRO stage 3 ({str(tag_dir)!r}): not supported with AdamHD '
+            f"(after DeepSpeed's universal load at stage 3 the run does not continue as the uninterrupted one). To "
+            f"change the data-parallel size at ZeRO-3, load the original checkpoint without load_universal: "
+            f"adamhd_dist reshards it exactly by layer name; universal checkpoints load at ZeRO stage 1 or 2")
+
+
 def _refuse_model_parallel_reshard(side: dict, tag_dir: Path, engine, world: int) -> None:
     """adamhd_dist's own reshard matches flat pieces by layer name: it is exact for data-parallel ranks only. A
     checkpoint with tensor-parallel slices or pipeline stages changes layout through DeepSpeed's universal
@@ -130,6 +142,7 @@ def wrap_checkpointing(engine, opt: AdamHD, group) -> None:
             tag = latest.read_text().strip()
         tag_dir = Path(load_dir) / str(tag)
         if universal:  # DeepSpeed reshards weights and moments; μ comes by layer name from the side files
+            _refuse_universal_zero3(engine, tag_dir)
             layer_state = _universal_layer_state(tag_dir) if tag_dir.is_dir() else None
             _check_universal_coverage(layer_state, opt, tag_dir)
             out = load(load_dir, tag, *args, **kwargs)
