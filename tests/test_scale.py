@@ -243,7 +243,6 @@ def test_readme_cost_model_counts_match_presets():
 
 # the tensor-parallel cost model (bench/cost_model.py): its table is the README's, and its α-β model is the one the
 # README's ring/tree table was computed with
-README_PROPOSED = README.parent / "README_scale.md"
 TP_HEADING = "**Under tensor parallelism**"
 
 
@@ -264,8 +263,6 @@ def _seconds(value: str, unit: str) -> float:
 def test_tensor_parallel_cost_model_is_the_readmes():
     cost = _cost_model()
     text = README.read_text()
-    if TP_HEADING not in text:  # not merged into the README yet: the proposed text
-        text = README_PROPOSED.read_text()
     assert TP_HEADING in text
     assert cost.tp_table() in text, "the README's tensor-parallel table is not what bench/cost_model.py computes"
     # the function's ring and tree times are the README's W table (its largest message, gpt3-175b under ZeRO)
