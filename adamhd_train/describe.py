@@ -49,7 +49,8 @@ def _model_lines(run: ResolvedRun, data, model, groups) -> list[str]:
                      f"{100 * (table / spec.nominal_params - 1):+.1f}%)")
     layout = describe_layout(s.model)
     if layout:
-        lines.append(f"  {layout} (--tp/--pp: checked, not yet run by this launcher)")
+        lines.append(f"  {layout} (--tp runs with --fsdp; --pp, and --tp with --deepspeed: checked, not yet run by "
+                     f"this launcher)")
     return lines
 
 
@@ -104,7 +105,11 @@ def describe_start(run: ResolvedRun, ctx: LaunchContext, data, model, groups, re
     s, d = run.settings, run.derived
     engine = (f"DeepSpeed ZeRO-{d.get('zero_stage', 0)} ({s.deepspeed_config})"
               + (f" with AutoTP over {s.tp} ranks" if s.tp > 1 else "") + f", optimizer {d['optimizer_type']}"
-              if s.launch == "deepspeed" else "FSDP2 (fully_shard per block), optimizer AdamHD")
+              if s.launch == "deepspeed" else
+              "FSDP2 (fully_shard per block)"
+              + (f" over tensor parallelism: a dp {d.get('dp')} × tp {s.tp} mesh, Megatron-style blocks (q/k/v and "
+                 f"MLP in colwise, projections rowwise), sequence-parallel norms, vocabulary-parallel embedding and "
+                 f"tied head" if s.tp > 1 else "") + ", optimizer AdamHD")
     lines = [f"engine: {engine}; {ctx.world_size} rank(s) on {'GPU' if ctx.on_gpu else 'CPU'} "
              f"({'nccl' if ctx.on_gpu else 'gloo'}), started by {ctx.launcher}"]
     lines += _model_lines(run, data, model, groups)

@@ -20,6 +20,10 @@ and checkpoint save/load into a folder.
 - FSDP2: :func:`adamhd_dist.fsdp.apply_fsdp` shards each transformer block, then AdamHD over
   :func:`adamhd_dist.param_groups` and :func:`adamhd_train.recipe.lr_scheduler`; gradients are reduced only on the
   last micro-batch of a step (``set_requires_gradient_sync``); checkpoints with ``torch.distributed.checkpoint``.
+  With ``tp`` > 1 the ranks form a ("dp", "tp") device mesh (consecutive ranks one tensor-parallel group): the
+  model is cut over "tp" (:func:`adamhd_train.tp.parallelize_gpt2`: Megatron-style blocks, sequence-parallel
+  norms, vocabulary-parallel embedding and tied head) and FSDP2 shards it over "dp" (:func:`fsdp_over_tp`);
+  AdamHD, clipping and checkpoints are the same code on the 2-D DTensors.
 
 :func:`deepspeed_config_for` turns a user's DeepSpeed config (GPU settings) into the one a run passes to DeepSpeed:
 batch numbers from the recipe, precision, clipping, LR, and the adaptations a CPU-only machine needs.
@@ -44,7 +48,7 @@ from adamhd_dist.fsdp import apply_fsdp
 from adamhd_dist import deepspeed as ads
 
 __all__ = ["deepspeed_config_for", "build_engine", "lm_loss", "window_loss", "DeepSpeedEngine", "FSDPEngine",
-           "RECIPE_KEYS"]
+           "fsdp_over_tp", "RECIPE_KEYS"]
 
 RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 """DeepSpeed config keys the launcher sets from the recipe (the config's values are replaced)."""
@@ -290,19 +294,49 @@ class DeepSpeedEngine(_EngineBase):
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {str(Path(root) / tag)!r}")
 
 
+def fsdp_over_tp(model: torch.nn.Module, *, tp: int, device: torch.device, mp_policy=None) -> torch.nn.Module:
+    """FSDP2 over tensor parallelism on a ("dp", "tp") mesh of every rank (dp = world / tp; consecutive ranks form
+    a tensor-parallel group, as the trainer's data-parallel rank ``rank // tp`` assumes): ``model`` (a
+    ``GPT2LMHeadModel``) is cut over "tp" with :func:`adamhd_train.tp.parallelize_gpt2`, then each block and the
+    root are ``fully_shard``-ed over "dp" (a tensor-parallel weight gets ``_StridedShard`` on "dp"). In place;
+    returns the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from adamhd_dist.fsdp import transformer_blocks
+
+    from .tp import parallelize_gpt2
+
+    world = dist.get_world_size()
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp: {tp} must divide the world size {world}")
+    mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    parallelize_gpt2(model, mesh["tp"])
+    kwargs = dict(mesh=mesh["dp"], mp_policy=mp_policy or MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 class FSDPEngine(_EngineBase):
-    """A model sharded with FSDP2 and trained with AdamHD, behind the launcher's interface."""
+    """A model sharded with FSDP2 (over tensor parallelism when ``tp`` > 1) and trained with AdamHD, behind the
+    launcher's interface."""
 
     kind = "fsdp"
 
     def __init__(self, model, *, optimizer_kwargs: dict, weight_decay: float, grad_clip: float, dtype: str,
-                 make_scheduler: Callable, device):
+                 make_scheduler: Callable, device, tp: int = 1):
         if dtype == "fp16":
             raise ValueError("dtype: fp16 needs loss scaling, which the FSDP2 engine does not do (fp16 gradients "
                              "underflow without it); use bf16 or fp32")
         super().__init__(device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else None
-        self.model = apply_fsdp(model, mp_policy=mp)
+        self.tp = tp
+        if tp > 1:
+            self.model = fsdp_over_tp(model, tp=tp, device=device, mp_policy=mp)
+        else:
+            self.model = apply_fsdp(model, mp_policy=mp)
         self.optimizer = AdamHD(param_groups(self.model, weight_decay), **optimizer_kwargs)
         self.lr_scheduler = make_scheduler(self.optimizer)
         self.grad_clip = grad_clip
@@ -365,6 +399,7 @@ def build_engine(
     weight_decay: float,
     grad_clip: float,
     dtype: str,
+    tp: int = 1,
 ):
     """Build the engine of a run (the only place the launcher builds one).
 
@@ -377,6 +412,8 @@ def build_engine(
         grad_clip: global gradient-norm clip (0 disables; FSDP2 only, DeepSpeed reads its config).
         dtype: ``"fp32"`` or ``"bf16"`` (FSDP2's mixed precision; fp16 is refused: it has no loss scaling);
             DeepSpeed reads its config (where fp16 is scaled by DeepSpeed).
+        tp: tensor-parallel degree of an FSDP2 engine (:func:`fsdp_over_tp`; 1: FSDP2 alone). DeepSpeed's AutoTP
+            degree is in its config.
     """
     if kind == "deepspeed":
         if ds_config is None:
@@ -385,5 +422,5 @@ def build_engine(
                                device=device)
     if kind == "fsdp":
         return FSDPEngine(model, optimizer_kwargs=optimizer_kwargs or {}, weight_decay=weight_decay,
-                          grad_clip=grad_clip, dtype=dtype, make_scheduler=make_scheduler, device=device)
+                          grad_clip=grad_clip, dtype=dtype, make_scheduler=make_scheduler, device=device, tp=tp)
     raise ValueError(f"kind: unknown engine {kind!r} (allowed: deepspeed, fsdp)")

@@ -5,7 +5,8 @@ The rule is Megatron-LM's (Narayanan et al. 2021, "Efficient Large-Scale Languag
 Clusters"): tensor parallelism inside a node (its 8 GPUs share NVLink; tp must divide the heads), pipeline stages
 across nodes only where one node's 8 GPUs cannot hold a replica (16 bytes per parameter for bf16 weights and
 gradients with fp32 master weights and Adam moments, before activations), and data parallelism over the rest.
-The launcher checks and prints these layouts; it does not yet run --tp or --pp above 1.
+The launcher checks and prints these layouts; it runs --tp above 1 with --fsdp (FSDP2 over tensor parallelism),
+not yet --pp above 1 (nor --tp with --deepspeed).
 """
 
 GPUS_PER_NODE = 8

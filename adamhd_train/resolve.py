@@ -304,16 +304,16 @@ def _zero_stage(ds_source: Optional[dict]) -> int:
 
 def resolve_parallel(r: _Resolution, spec: ModelSpec, launch: str, ds_source: Optional[dict]) -> dict[str, int]:
     """``tp`` and ``pp`` (default 1 each), checked before any rank starts: tp must divide the heads (each rank
-    holds whole heads; d_model is heads × head width, so tp then divides the MLP width 4·d_model too), pp at most
-    the blocks, tp · pp the world size (the rest is data parallel), and pipelines refuse ZeRO-2/3 (DeepSpeed's
-    pipeline engine partitions optimizer state only). Pipelines, and tensor parallelism under either engine, are
-    not yet run by the launcher: after those checks they are refused, naming the grid and why."""
+    holds whole heads) and the MLP width 4·d_model, and the sequence (``--seq-len``: the norms and the residual
+    stream run sequence-parallel on seq_len / tp tokens); pp at most the blocks, tp · pp the world size (the rest
+    is data parallel), and pipelines refuse ZeRO-2/3 (DeepSpeed's pipeline engine partitions optimizer state
+    only). ``--fsdp --tp N`` runs (FSDP2 over tensor parallelism on a dp × tp mesh); pipelines, and tensor
+    parallelism under DeepSpeed, are not yet run by the launcher: after those checks they are refused, naming the
+    grid and why."""
     tp = positive_int("tp", r.given.get("tp", 1))
     pp = positive_int("pp", r.given.get("pp", 1))
     world = r.ctx.world_size
-    if spec.n_head % tp:
-        raise SettingsError(f"--tp {tp} must divide the {spec.n_head} attention heads of {spec.name} (each rank "
-                            f"holds whole heads); allowed: {_divisors_of(spec.n_head)}")
+    check_tensor_parallel(tp, spec, r.given.get("seq_len", spec.context))
     if pp > 1 and pp > spec.n_layer:
         raise SettingsError(f"--pp {pp}: {spec.name} has {spec.n_layer} blocks, fewer than the pipeline stages")
     if world % (tp * pp):
@@ -326,17 +326,33 @@ def resolve_parallel(r: _Resolution, spec: ModelSpec, launch: str, ds_source: Op
     if pp > 1:
         raise SettingsError(f"--pp {pp}: pipeline stages are not yet supported by the launcher (planned: DeepSpeed "
                             f"PipelineModule, ZeRO-0/1; the grid would be dp {world // (tp * pp)} × tp {tp} × pp "
-                            f"{pp}); use --pp 1")
+                            f"{pp}); use --pp 1" + ("" if launch == "deepspeed" or tp == 1 else
+                                                    f" (--fsdp --tp {tp} alone runs)"))
     if tp > 1 and launch == "deepspeed":
         raise SettingsError(f"--tp {tp} with --deepspeed: not yet supported by the launcher. DeepSpeed AutoTP "
                             f"refuses the GPT-2 blocks it trains (\"AutoTP not supported for model. Please use "
                             f"kernel injection since container policy for model exists.\": GPT-2 has an inference "
-                            f"kernel policy, and its fused qkv Conv1D needs a head-aware split); use --tp 1")
-    if tp > 1 and launch == "fsdp":
-        raise SettingsError(f"--tp {tp} with --fsdp: FSDP2 × tensor parallel is not yet supported by the launcher "
-                            f"(the grid would be dp {world // tp} × tp {tp}: the GPT-2 blocks' fused qkv Conv1D "
-                            f"needs a head-aware split into nn.Linear first); use --tp 1")
+                            f"kernel policy, and its fused qkv Conv1D needs a head-aware split); use --tp 1, or "
+                            f"--fsdp --tp {tp} under torchrun (FSDP2 over tensor parallelism)")
     return {"tp": tp, "pp": pp}
+
+
+def check_tensor_parallel(tp: int, spec: ModelSpec, seq_len: int) -> None:
+    """The tensor-parallel degree ``tp`` against the model: it divides the heads (each rank holds whole heads of
+    q, k and v), the MLP width 4·d_model (a colwise slice of ``c_fc``) and the sequence (sequence parallelism)."""
+    if tp == 1:
+        return
+    if spec.n_head % tp:
+        raise SettingsError(f"--tp {tp} must divide the {spec.n_head} attention heads of {spec.name} (each rank "
+                            f"holds whole heads); allowed: {_divisors_of(spec.n_head)}")
+    d_ff = 4 * spec.d_model
+    if d_ff % tp:
+        raise SettingsError(f"--tp {tp} must divide the MLP width 4 × d_model = {d_ff} of {spec.name} (each rank "
+                            f"holds a slice of it); allowed: {[d for d in _divisors_of(spec.n_head) if d_ff % d == 0]}")
+    if isinstance(seq_len, int) and seq_len % tp:
+        raise SettingsError(f"--seq-len {seq_len} must be a multiple of --tp {tp}: the norms and the residual "
+                            f"stream run sequence-parallel, seq_len / tp tokens per rank; nearest: "
+                            f"{max(tp, seq_len // tp * tp)}")
 
 
 def _divisors_of(n: int) -> list[int]:
@@ -491,6 +507,7 @@ def finish_run(s: TrainSettings, ctx: LaunchContext, ds_source: Optional[dict], 
         raise SettingsError(f"the world size ({ctx.world_size} ranks) must be a multiple of --tp {s.tp} × --pp "
                             f"{s.pp} = {s.tp * s.pp}" + (" (the manifest's job was planned for another world size)"
                                                           if from_manifest else ""))
+    check_tensor_parallel(s.tp, spec, s.seq_len)
     if s.dtype == "fp16" and not ctx.on_gpu:
         raise SettingsError("the job trains in fp16, but this machine has no GPU: fp16 training needs a GPU")
     try:
@@ -617,6 +634,12 @@ def check_resume(run: ResolvedRun) -> Optional[tuple[int, Path]]:
     if state.get("launch") not in (None, s.launch):
         raise SettingsError(f"cannot resume {str(folder)!r}: it is a {state['launch']} checkpoint and this run "
                             f"uses {s.launch}")
+    old_tp = int(state.get("tp", 1))
+    if (old_tp > 1) != (s.tp > 1):
+        raise SettingsError(f"cannot resume {str(folder)!r}: written at --tp {old_tp}, this run uses --tp {s.tp}; a "
+                            f"tensor-parallel model has separate q, k and v layers (the fused c_attn is split), so a "
+                            f"checkpoint moves between --tp 1 and --tp above 1 in neither direction. Use --tp "
+                            f"{old_tp if old_tp > 1 else 1}" + (" (or another above 1)" if old_tp > 1 else ""))
     stage = run.derived.get("zero_stage")
     if s.launch == "deepspeed" and state.get("zero_stage") not in (None, stage):
         raise SettingsError(f"cannot resume {str(folder)!r}: written with ZeRO stage {state['zero_stage']}, this "

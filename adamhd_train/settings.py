@@ -121,8 +121,9 @@ class TrainSettings:
     tensorboard: bool = option("do not write TensorBoard scalars", flag="no-tensorboard", action="store_false")
     # last, with defaults: a manifest written before they existed ran at tp = pp = 1
     tp: int = option("tensor-parallel degree: ranks that split each block's matrices by heads; it must divide the "
-                     "heads, and tp × pp the world size. Checked and planned, not yet run: --tp above 1 is "
-                     "refused with the reason", default_text="1", default=1)
+                     "heads, the MLP width and --seq-len, and tp × pp the world size. Runs with --fsdp (FSDP2 over "
+                     "tensor parallelism, dp = world / tp); with --deepspeed it is checked and refused with the "
+                     "reason", default_text="1", default=1)
     pp: int = option("pipeline stages (DeepSpeed, ZeRO-0/1); checked and planned, not yet run: --pp above 1 is "
                      "refused with the reason", default_text="1", default=1)
 

@@ -49,6 +49,7 @@ from .ranks import LaunchContext, available_cpus, init_process_group, launcher_p
 from .recipe import lr_scheduler
 from .resolve import ResolvedRun, check_resume
 from .settings import SettingsError, TrainSettings
+from .tp import linear_blocks
 
 __all__ = ["Trainer", "StepResult", "train", "EXIT_NONFINITE", "EXIT_SAVE_FAILED", "MAX_SKIPPED_IN_A_ROW"]
 
@@ -63,17 +64,21 @@ MAX_SKIPPED_IN_A_ROW = 20
 # ----------------------------------------------------------------------------------------------------------------
 # before the process group: the data
 def _eval_micro_batch(s: TrainSettings, ctx: LaunchContext, data: PreparedData) -> int:
-    """Validation sequences per rank per batch: the training micro-batch, or fewer when the validation split
-    does not hold one batch on every rank (a small corpus); a split with less than one window per rank is an
-    error."""
+    """Validation sequences per data-parallel rank per batch: the training micro-batch, or fewer when the
+    validation split does not hold one batch on every data-parallel rank (a small corpus); a split with less than
+    one window per data-parallel rank is an error. The ranks of one tensor-parallel group (``tp``) read the same
+    windows, so the split is cut over world / (tp · pp) ranks."""
+    dp = ctx.world_size // (s.tp * s.pp)
+    ranks = f"data-parallel rank ({dp} = world {ctx.world_size} / tp · pp)" if dp != ctx.world_size \
+        else f"rank ({ctx.world_size})"
     windows = max(0, (data.val_tokens - 1) // s.seq_len)
-    if windows >= s.micro_batch * ctx.world_size:
+    if windows >= s.micro_batch * dp:
         return s.micro_batch
-    if windows < ctx.world_size:
+    if windows < dp:
         raise SettingsError(f"the validation split has {data.val_tokens:,} tokens = {windows} window(s) of "
-                            f"--seq-len+1 = {s.seq_len + 1} tokens, fewer than one per rank ({ctx.world_size}); "
+                            f"--seq-len+1 = {s.seq_len + 1} tokens, fewer than one per {ranks}; "
                             f"raise --val-fraction (now {s.val_fraction}) or use more data (--max-chars, --data)")
-    return windows // ctx.world_size
+    return windows // dp
 
 
 def prepare_run_data(s: TrainSettings, ctx: LaunchContext, *, expect_data_hash: Optional[str],
@@ -104,8 +109,10 @@ def prepare_run_data(s: TrainSettings, ctx: LaunchContext, *, expect_data_hash: 
     except ValueError as e:
         raise SettingsError(f"{e}: use more data (--max-chars, --data) or a shorter --seq-len") from None
     if eval_micro != s.micro_batch and ctx.is_main:
+        dp = ctx.world_size // (s.tp * s.pp)
         print(f"note: validation micro-batch {eval_micro} (the validation split of {data.val_tokens:,} tokens holds "
-              f"fewer than micro-batch x world size = {s.micro_batch * ctx.world_size} windows; --val-fraction)")
+              f"fewer than micro-batch x {'world size' if dp == ctx.world_size else 'data-parallel size'} = "
+              f"{s.micro_batch * dp} windows; --val-fraction)")
     return data, eval_micro
 
 
@@ -265,6 +272,9 @@ class Trainer:
         s, ramp = self.s, self.run.ramp
         self.model = build_model(s.model, vocab_size=self.data.vocab_size, context=s.seq_len, seed=s.seed,
                                  activation_checkpointing=s.activation_checkpointing)
+        if s.tp > 1:
+            # the blocks as nn.Linear q/k/v/fc/proj (same output), the form torch's tensor-parallel styles cut
+            linear_blocks(self.model)
         if on_model is not None:
             on_model(self.model)
         self.groups = param_groups(self.model, s.weight_decay)
@@ -275,7 +285,7 @@ class Trainer:
 
         self.engine = build_engine(s.launch, self.model, device=self.device, make_scheduler=make_scheduler,
                                    ds_config=self.run.ds_config, optimizer_kwargs=self.run.adamhd_kwargs,
-                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=s.dtype)
+                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=s.dtype, tp=s.tp)
         self.sampler = TokenSampler(self.data, seq_len=s.seq_len, micro_batch=s.micro_batch, rank=self.dp_rank,
                                     world_size=self.dp_world, seed=s.seed)
         self.val = ValBatches(self.data, seq_len=s.seq_len, micro_batch=eval_micro, rank=self.dp_rank,
@@ -469,7 +479,7 @@ class Trainer:
             self.engine.save(self.root, tmp_tag)
             if self.ctx.is_main:
                 ck.write_json_atomic({"step": step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
-                                      "world_size": self.world, "launch": self.s.launch,
+                                      "world_size": self.world, "launch": self.s.launch, "tp": self.s.tp,
                                       "zero_stage": self.run.derived.get("zero_stage"),
                                       "micro_batch": self.s.micro_batch, "time": time.time(),
                                       "elapsed_s": self.elapsed(), "params_finite": True}, folder / ck.TRAINER_STATE)

@@ -11,6 +11,9 @@ One entry, three ways to start the ranks (run from the repository root):
     # torchrun + FSDP2 (fully_shard per transformer block)
     torchrun --nproc-per-node 8 launch/pretrain_gpt3.py --fsdp --model gpt3-small --out-dir runs/gpt3s-fsdp
 
+    # torchrun + FSDP2 over tensor parallelism: a dp 2 × tp 4 mesh (tp divides the heads and --seq-len)
+    torchrun --nproc-per-node 8 launch/pretrain_gpt3.py --fsdp --tp 4 --model gpt3-xl --out-dir runs/gpt3xl-tp4
+
     # mpirun: DeepSpeed discovers rank, world size and master through mpi4py
     mpirun -np 8 -x PATH python launch/pretrain_gpt3.py --deepspeed ds_configs/zero2_adamhd.json --model gpt3-small
 

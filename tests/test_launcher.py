@@ -623,9 +623,11 @@ ZERO2_CFG = str(ROOT / "ds_configs/zero2_adamhd.json")
      "the grid would be dp 2 × tp 8 × pp 16)"),
     ({"deepspeed_config": ZERO1_CFG, "model": "gpt3-13b", "tp": 8}, 16,
      "--tp 8 with --deepspeed: not yet supported by the launcher. DeepSpeed AutoTP refuses the GPT-2 blocks"),
-    ({"fsdp": True, "model": "gpt3-13b", "tp": 8}, 16,
-     "--tp 8 with --fsdp: FSDP2 × tensor parallel is not yet supported by the launcher (the grid would be dp 2 × "
-     "tp 8"),
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 8, "seq_len": 2044}, 16,
+     "--seq-len 2044 must be a multiple of --tp 8: the norms and the residual stream run sequence-parallel"),
+    ({"fsdp": True, "model": "gpt3-13b", "tp": 8, "pp": 2}, 16,
+     "--pp 2: pipeline stages are not yet supported by the launcher (planned: DeepSpeed PipelineModule, ZeRO-0/1; "
+     "the grid would be dp 1 × tp 8 × pp 2); use --pp 1 (--fsdp --tp 8 alone runs)"),
     ({"fsdp": True, "tp": 0}, 2, "--tp must be a positive integer, got 0"),
 ])
 def test_model_parallel_layouts_are_checked_before_any_rank_starts(given, world, message):
@@ -690,7 +692,8 @@ def test_run_summary_of_a_large_preset_names_its_suggested_layout():
     lines = _model_lines(run, SimpleNamespace(vocab_size=50257), torch.nn.Linear(2, 2), [])
     assert lines[-1] == ("  suggested layout for gpt3-13b on 8-GPU nodes: tp 8 × pp 1 × dp N (8 GPUs = 1 node(s) "
                          "per replica); 13B × 16 bytes / 8 GPUs = 26 GB of weights and optimizer state per GPU: one "
-                         "node holds a replica, so no pipeline (--tp/--pp: checked, not yet run by this launcher)")
+                         "node holds a replica, so no pipeline (--tp runs with --fsdp; --pp, and --tp with "
+                         "--deepspeed: checked, not yet run by this launcher)")
 
 
 def test_linear_blocks_keep_the_models_output_and_split_qkv_by_heads():

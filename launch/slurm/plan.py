@@ -354,6 +354,13 @@ def describe(s):
     lines.append("nodes: %d (%s); GPUs per node: %d; world size: %d"
                  % (len(s.hosts), " ".join(s.hosts), s.gpus, s.world_size))
     lines.append("ranks: dp %d × tp %d × pp %d (--tp, --pp)" % (s.world_size // (s.tp * s.pp), s.tp, s.pp))
+    if s.tp > 1:
+        run = ("runs with --fsdp (FSDP2 over tensor parallelism); with --deepspeed the launcher refuses it"
+               if s.launcher == "torchrun" else "the launcher runs --tp with --fsdp under torchrun only, and refuses "
+               "it with --deepspeed")
+        lines.append("  tensor-parallel groups: %d consecutive ranks%s; --tp %s"
+                     % (s.tp, " (inside one node)" if s.gpus % s.tp == 0 else
+                        " (spanning nodes: %d GPUs per node)" % s.gpus, run))
     layout = _layouts().describe_layout(s.model, s.world_size)
     if layout:
         lines.append(layout)
