@@ -42,7 +42,7 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 import adamhd_dist.distributed.dtensor as dtensor_mod
 from adamhd_dist import AdamHD, layer_deltas, param_groups
-from adamhd_dist.distributed.dtensor import DTensorLayerStats
+from dist_workers_tp import PerShard  # the negative control: each rank's shard taken as the layer
 
 D_IN, D_OUT = 6, 5
 ROWS, N_MICRO, STEPS, SAVE_AT = 16, 4, 6, 3  # ROWS divisible by dp · N_MICRO for dp 1 and 2
@@ -127,17 +127,6 @@ def reference(config: str, steps: int = STEPS, clip: float | None = None) -> dic
         deltas.append(layer_deltas(opt))
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "deltas": deltas,
             "grad_norms": norms}
-
-
-class PerShard(DTensorLayerStats):
-    """A deliberately wrong strategy, the negative control: each rank's shard taken as the layer (local sums,
-    local numel, no reduction)."""
-
-    def reduce(self, sums, params):
-        return sums
-
-    def layer_numel(self, p):
-        return p.to_local().numel()
 
 
 @contextlib.contextmanager

@@ -1337,10 +1337,22 @@ def autotp_case(world: int = 1024, tp: int = 8) -> dict:
     return {"problems": problems[:4 * MAX_PROBLEMS], "facts": facts, "negative": negative}
 
 
-def autotp_step(world: int, rank: int, tp: int = 8, steps: int = 2) -> dict:
-    """Two training steps of the AutoTP model as rank ``rank`` of ``world``: AdamHD's collectives per step."""
+def _counting(fn, counts, recording):
+    """``fn`` counting, per call, DTensor's collective ops into ``counts`` and every ``dist.all_reduce`` through
+    ``recording``."""
     from torch.distributed.tensor.debug import CommDebugMode
 
+    def wrapper(*args, **kwargs):
+        with CommDebugMode() as comm, mock.patch.object(dist, "all_reduce", recording):
+            out = fn(*args, **kwargs)
+        for k, v in comm.get_comm_counts().items():
+            counts[str(k)] += v
+        return out
+    return wrapper
+
+
+def autotp_step(world: int, rank: int, tp: int = 8, steps: int = 2) -> dict:
+    """Two training steps of the AutoTP model as rank ``rank`` of ``world``: AdamHD's collectives per step."""
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, AUTOTP_VOCAB, (1, 8), generator=g)
     per_step, groups_seen = [], []
@@ -1357,17 +1369,8 @@ def autotp_step(world: int, rank: int, tp: int = 8, steps: int = 2) -> dict:
             groups_seen.append(dist.get_world_size(group))
             return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
 
-        def counted(fn):
-            def wrapper(*args, **kwargs):
-                with CommDebugMode() as comm, mock.patch.object(dist, "all_reduce", recording):
-                    out = fn(*args, **kwargs)
-                for k, v in comm.get_comm_counts().items():
-                    counts[str(k)] += v
-                return out
-            return wrapper
-
         for h in ("begin_step", "step"):
-            setattr(opt, h, counted(getattr(opt, h)))
+            setattr(opt, h, _counting(getattr(opt, h), counts, recording))
         for _ in range(steps):
             counts.clear()
             # a loss on this rank's logits: DeepSpeed's vocabulary-parallel cross-entropy first all-gathers every TP
@@ -1388,8 +1391,6 @@ def step_case(engine: str, world: int, rank: int, steps: int = 2) -> dict:
     """Train the adversarial model ``steps`` steps as rank ``rank`` of ``world`` through the engine; count the
     collectives AdamHD issues per training step (the engine's own gradient and parameter collectives are not
     counted) and where the statistic is reduced."""
-    from torch.distributed.tensor.debug import CommDebugMode
-
     torch.manual_seed(0)
     model = Adversarial()
     g = torch.Generator().manual_seed(1)
@@ -1425,21 +1426,12 @@ def step_case(engine: str, world: int, rank: int, steps: int = 2) -> dict:
         counts = defaultdict(int)
         real_all_reduce = dist.all_reduce
 
-        def counted(fn):
-            def wrapper(*args, **kwargs):
-                with CommDebugMode() as comm, mock.patch.object(dist, "all_reduce", recording):
-                    out = fn(*args, **kwargs)
-                for k, v in comm.get_comm_counts().items():
-                    counts[str(k)] += v
-                return out
-            return wrapper
-
         def recording(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
             groups.append(dist.get_world_size(group))
             return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
 
         for h in hooks:
-            setattr(opt, h, counted(getattr(opt, h)))
+            setattr(opt, h, _counting(getattr(opt, h), counts, recording))
         for _ in range(steps):
             counts.clear()
             run()
