@@ -25,6 +25,13 @@ What each door needs on CPU ranks (every rank: ``DS_ACCELERATOR=cpu``, ``CUDA_VI
   Accelerate counts one process and does not shard the data (silently wrong, whatever the optimizer).
 - Accelerate's FSDP2 ``prepare`` swap, done as accelerate 1.15's ``_prepare_fsdp2`` does it
   (:func:`accelerate_fsdp2_swap`), with its own ``fsdp2_switch_optimizer_parameters``.
+- DeepSpeed AutoTP (``"tensor_parallel": {"autotp_size": 2}``, :func:`trainer_autotp`, :func:`accelerate_autotp`):
+  nothing more. transformers' ``deepspeed_init`` calls ``deepspeed.tp_model_init``; Accelerate's ``prepare`` under
+  DeepSpeed makes a "tp" device mesh before it prepares a data loader (also the Trainer's, prepared on its own
+  before the engine), so both tensor-parallel ranks get the same batch; ``deepspeed.initialize`` applies AutoTP
+  from the config. Batch sizes are per data-parallel rank; leave ``train_batch_size`` out of a config given to
+  Accelerate (DeepSpeed's batch check counts the tensor-parallel ranks as data-parallel). These cases go last in a
+  launch: DeepSpeed's tensor-parallel groups live for the process.
 """
 
 from __future__ import annotations
@@ -70,6 +77,27 @@ def build_model(seed: int = 0, spread: bool = True):
     logging.set_verbosity_error()
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(gpt2_config())
+    if spread:
+        with torch.no_grad():
+            for i, p in enumerate(p for p in model.parameters() if p.ndim == 2):
+                p.mul_((i + 1) / 2)
+    return model
+
+
+def build_llama(seed: int = 0, spread: bool = True):
+    """A tiny LLaMA for the AutoTP cases (DeepSpeed AutoTP splits q/k/v/gate/up column-wise and o/down row-wise;
+    GPT-2's fused Conv1D c_attn is not a training AutoTP layer): 4 heads / 2 key-value heads (both split by 2),
+    untied head, eager attention; matrices spread as in :func:`build_model`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).float()
     if spread:
         with torch.no_grad():
             for i, p in enumerate(p for p in model.parameters() if p.ndim == 2):
@@ -148,12 +176,13 @@ def optimizer_cls_and_kwargs(kind: str):
     return torch.optim.AdamW, {k: hp[k] for k in ("lr", "betas", "eps")}
 
 
-def reference(kind: str = "adamhd", steps: int = STEPS, clip: float | None = CLIP, hp=None):
+def reference(kind: str = "adamhd", steps: int = STEPS, clip: float | None = CLIP, hp=None, arch: str = "gpt2"):
     """One process, unsharded fp32 model, the whole global batch per step, Trainer-style groups, torch's
-    clipping rule (what DeepSpeed does at fp32)."""
+    clipping rule (what DeepSpeed does at fp32). ``arch``: "gpt2" (:func:`build_model`) or "llama"
+    (:func:`build_llama`, the AutoTP cases)."""
     import adamhd_dist
 
-    model = build_model()
+    model = build_model() if arch == "gpt2" else build_llama()
     model.train()
     opt = make_optimizer(kind, trainer_groups(model, HP["weight_decay"] if hp is None else hp["weight_decay"]), hp)
     x = data(steps)
@@ -491,6 +520,128 @@ def accelerate_fsdp2_swap(world: int, fused: bool | None = None, steps: int = ST
         opt.step()
         opt.zero_grad()
     return {"params": gather_params(model), "swapped": swapped, **_adamhd_result(opt)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. DeepSpeed AutoTP ("tensor_parallel": {"autotp_size": tp}) through the Trainer and Accelerate. DeepSpeed's
+# tensor-parallel groups live for the process: these cases come LAST in a launch (an engine built after an AutoTP
+# one fails in DeepSpeed's group look-ups).
+def _tp_local(module) -> dict:
+    """This rank's parameters by name: (fp32 tensor, whether AutoTP sliced it); the test joins the slices."""
+    from adamhd_dist.integrations.deepspeed import _compat
+
+    return {n: (p.detach().clone().float(), bool(_compat.is_tp_sliced(p))) for n, p in module.named_parameters()}
+
+
+def _tp_info() -> dict:
+    from deepspeed.utils import groups
+
+    return {"tp_rank": dist.get_rank(group=groups.get_tensor_model_parallel_group()),
+            "dp_world": groups.get_data_parallel_world_size()}
+
+
+def _count_reduces(opt, counts):
+    """Wrap the layout's all-reduce of the per-layer sums: counts["reduce"] goes up once per call."""
+    lay = opt.layer_stats.layout
+    reduce = lay.reduce
+
+    def counted(t):
+        counts["reduce"] += 1
+        return reduce(t)
+
+    lay.reduce = counted
+
+
+def _record_inputs(model, seen):
+    """Every forward's input_ids on this rank (what the data loader gave it)."""
+    return model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].detach().clone()),
+                                           with_kwargs=True)
+
+
+def trainer_autotp(world: int, tp: int = 2, stage: int = 2, callback: bool = True, steps: int = STEPS):
+    """Trainer + DeepSpeed ZeRO-``stage`` + ``"tensor_parallel": {"autotp_size": tp}`` (transformers'
+    deepspeed_init calls deepspeed.tp_model_init) with AdamHDCallback; per_device_train_batch_size is the global
+    batch over the data-parallel ranks (world / tp). A counting callback after AdamHDCallback counts the layout's
+    all-reduces. Without ``callback`` the first step must refuse: ``{"refused": message, "changed": largest
+    parameter change}``."""
+    import adamhd_dist
+    from adamhd_dist.integrations.transformers import AdamHDCallback
+    from transformers import Trainer, TrainerCallback
+
+    counts = {"reduce": 0}
+
+    class Count(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kw):
+            if callback:
+                _count_reduces(adamhd_dist.optim.find_adamhd(optimizer), counts)
+
+    _reset_accelerate()
+    model = build_llama()
+    seen = []
+    _record_inputs(model, seen)
+    cfg = trainer_ds_config(stage)
+    cfg["tensor_parallel"] = {"autotp_size": tp}
+    scratch = tempfile.mkdtemp(prefix="hf-autotp-")
+    try:
+        args = training_args(scratch, world // tp, steps=steps, use_cpu=True, deepspeed=cfg)
+        trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(data(steps)),
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs("adamhd"),
+                          callbacks=[AdamHDCallback(), Count()] if callback else [Count()])
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        try:
+            trainer.train()
+        except adamhd_dist.UnplacedTensorError as e:  # parameters compared slice for slice (same names, same shapes)
+            after = dict(trainer.model_wrapped.module.named_parameters())
+            return {"refused": str(e), "changed": max(float((after[n].detach() - before[n]).abs().max())
+                                                       for n in before if after[n].shape == before[n].shape)}
+        engine = trainer.model_wrapped
+        return {"params": _tp_local(engine.module), "engine": type(engine).__name__, "counts": counts,
+                "seen": seen, **_tp_info(), **_adamhd_result(trainer)}
+    finally:
+        _destroy_engines()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def accelerate_autotp(world: int, tp: int = 2, stage: int = 2, door: str = "engine", steps: int = STEPS):
+    """``Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))`` with ``"tensor_parallel":
+    {"autotp_size": tp}`` (Accelerate makes a "tp" device mesh; deepspeed.initialize applies AutoTP from the
+    config), then ``attach(model)`` (door "engine": the prepared model is the engine) or ``attach(optimizer,
+    module=model.module)`` (door "wrapper": Accelerate's prepared optimizer). The DataLoader's batch is the global
+    batch over the data-parallel ranks; no train_batch_size in the config (DeepSpeed's batch check counts the
+    tensor-parallel ranks as data-parallel)."""
+    import adamhd_dist
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    _reset_accelerate()
+    deepspeed_partial_state()
+    dp = world // tp
+    model = build_llama()
+    seen = []
+    _record_inputs(model, seen)
+    opt = make_optimizer("adamhd", trainer_groups(model, HP["weight_decay"]))
+    cfg = plain_ds_config(dp, stage)
+    del cfg["train_batch_size"]
+    cfg["tensor_parallel"] = {"autotp_size": tp}
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg))
+    dl = torch.utils.data.DataLoader(TokenDataset(data(steps)), batch_size=GLOBAL_BATCH // dp, shuffle=False)
+    pm, popt, pdl = accelerator.prepare(model, opt, dl)
+    if door == "engine":
+        adamhd_dist.deepspeed.attach(pm)
+    else:
+        adamhd_dist.deepspeed.attach(popt, module=pm.module)
+    counts = {"reduce": 0}
+    _count_reduces(adamhd_dist.optim.find_adamhd(popt), counts)
+    pm.train()
+    try:
+        for batch in pdl:
+            accelerator.backward(pm(**batch).loss)
+            popt.step()
+            popt.zero_grad()
+    finally:
+        _destroy_engines()
+    return {"params": _tp_local(pm.module), "engine": type(pm).__name__, "counts": counts, "seen": seen,
+            **_tp_info(), **_adamhd_result(popt)}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -5,13 +5,17 @@ offload) and FSDP2 plus ``AdamHDCallback``, a Trainer save/resume, Accelerate's 
 Every run is compared with single-process AdamHD on the unsharded model with the same global batch (max|θ −
 θ_ref| ≤ 1e-5·max|θ_ref|, every δ within 1e-5 relative). Negative controls: without the callback, or without
 attach, the first step refuses (a per-partition δ would be 1.7e-4 to 2.2e-4 off the reference on this model).
-Two launches (world 2 and world 3; tests/dist_workers_hf.py ``suite`` runs the cases of a world size one after
-another in the same processes).
+DeepSpeed AutoTP (tp 2 × dp 1, ZeRO-1/2) through the Trainer + callback and through Accelerate + attach, on a tiny
+LLaMA: the tensor-parallel slices are joined again and compared the same way, with one all-reduce per step and the
+whole global batch on both tensor-parallel ranks; without the callback it refuses. Two launches (world 2 and world 3;
+tests/dist_workers_hf.py ``suite`` runs the cases of a world size one after another in the same processes; the
+AutoTP cases come last in theirs).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dist_workers_hf as W
 from dist_utils import run_ranks
@@ -22,6 +26,19 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def ref():
     return W.reference("adamhd")
+
+
+# DeepSpeed AutoTP, tp 2 × dp 1 (the tiny LLaMA of dist_workers_hf.build_llama)
+AUTOTP = [("trainer_autotp_z2", "trainer_autotp", dict(world=2, stage=2)),
+          ("trainer_autotp_z1", "trainer_autotp", dict(world=2, stage=1)),
+          ("accelerate_autotp_z2", "accelerate_autotp", dict(world=2, stage=2)),
+          ("accelerate_autotp_z1_wrapper", "accelerate_autotp", dict(world=2, stage=1, door="wrapper")),
+          ("trainer_autotp_z2_no_callback", "trainer_autotp", dict(world=2, stage=2, callback=False))]
+
+
+@pytest.fixture(scope="module")
+def ref_llama():
+    return W.reference("adamhd", arch="llama")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +53,7 @@ def world2(tmp_path_factory):
              ("accelerate_ds_z2", "accelerate_ds", dict(world=2, stage=2)),
              ("accelerate_ds_z3", "accelerate_ds", dict(world=2, stage=3)),
              ("accelerate_ds_z2_no_attach", "accelerate_ds", dict(world=2, stage=2, attach=False))]
+    cases += AUTOTP  # last: DeepSpeed's AutoTP groups live for the process, a later engine would trip on them
     return run_ranks("dist_workers_hf:suite", 2, kwargs={"cases": cases}, env=W.RANK_ENV, timeout=900)
 
 
@@ -139,3 +157,63 @@ def test_accelerate_fsdp2_inplace_swap_is_exact(world3, ref, label):
     before)."""
     for res in assert_exact(world3, label, ref):
         assert res["swapped"] == 28 and res["strategy"] == "DTensorLayerStats"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed AutoTP ("tensor_parallel": {"autotp_size": 2}) through the Trainer and Accelerate, tp 2 × dp 1
+def join_tp(results, reference):
+    """Whole parameters again: a sliced one's pieces concatenated in tensor-parallel rank order along the
+    dimension AutoTP cut; an unsliced one (embeddings, norms, head) must be the same on every rank."""
+    by_tp = {res["tp_rank"]: res["params"] for res in results}
+    assert sorted(by_tp) == [0, 1]
+    out = {}
+    for name, ref in reference.items():
+        pieces = [by_tp[t][name] for t in sorted(by_tp)]
+        if not pieces[0][1]:
+            assert all(torch.equal(p, pieces[0][0]) and not s for p, s in pieces), name
+            out[name] = pieces[0][0]
+            continue
+        dim = next(d for d in range(ref.dim()) if pieces[0][0].shape[d] != ref.shape[d])
+        out[name] = torch.cat([p for p, _ in pieces], dim=dim)
+        assert out[name].shape == ref.shape, name
+    return out
+
+
+@pytest.mark.parametrize("label", [c[0] for c in AUTOTP if "no_callback" not in c[0]])
+def test_autotp_through_trainer_and_accelerate_equals_one_process(world2, ref_llama, label):
+    """Trainer(args=TrainingArguments(deepspeed=cfg with "tensor_parallel": {"autotp_size": 2}),
+    callbacks=[AdamHDCallback()]) (transformers' deepspeed_init calls deepspeed.tp_model_init), and
+    Accelerator(deepspeed_plugin=...) + prepare + attach(engine) or attach(optimizer, module=engine.module)
+    (deepspeed.initialize applies AutoTP from the config)."""
+    results = ok(world2, label)
+    assert [r["dp_world"] for r in results] == [1, 1]
+    assert any(s for r in results for _, s in r["params"].values()), "AutoTP sliced nothing"
+    err = rel_err(join_tp(results, ref_llama["params"]), ref_llama["params"])
+    assert err <= TOL, f"{label}: max|θ − θ_ref| / max|θ_ref| = {err:.3g}"
+    for res in results:
+        assert res["engine"] == "DeepSpeedEngine" and res["strategy"] == "FlatLayerStats"
+        assert set(res["deltas"]) == set(ref_llama["deltas"]), label
+        for name, d in ref_llama["deltas"].items():
+            assert abs(res["deltas"][name] - d) <= TOL * d, f"{label}: δ of {name} {res['deltas'][name]} vs {d}"
+        for name, mu in ref_llama["mu"].items():
+            assert abs(res["mu"][name] - mu) <= TOL * mu, f"{label}: μ of {name}"
+        assert res["counts"]["reduce"] == W.STEPS, res["counts"]  # one all-reduce per step for every layer
+    assert results[1]["deltas"] == results[0]["deltas"]
+
+
+@pytest.mark.parametrize("label", [c[0] for c in AUTOTP if "no_callback" not in c[0]])
+def test_autotp_both_tensor_parallel_ranks_get_the_whole_global_batch(world2, label):
+    """At dp 1 the data loader must not split the batch over the tensor-parallel ranks: each forward on each rank
+    is the step's whole global batch (Trainer: its dataloader; Accelerate: prepare's "tp" device mesh)."""
+    x = W.data()
+    for res in ok(world2, label):
+        seen = res["seen"]
+        assert len(seen) == W.STEPS
+        for t, ids in enumerate(seen):
+            assert torch.equal(ids, x[t * W.GLOBAL_BATCH:(t + 1) * W.GLOBAL_BATCH]), (label, t, ids.shape)
+
+
+def test_trainer_autotp_without_the_callback_refuses(world2):
+    for res in ok(world2, "trainer_autotp_z2_no_callback"):
+        assert res["refused"] and "AdamHDCallback" in res["refused"]
+        assert res["changed"] == 0.0
