@@ -321,7 +321,7 @@ def test_universal_checkpoint_without_mu_or_at_zero3_is_refused_before_anything_
             assert torch.equal(st["param"], init[name].detach()), name
 
 
-def test_to_universal_command_refuses_bad_input(world2, tmp_path):
+def test_to_universal_command_refuses_bad_input(world2, tmp_path, capsys):
     """Each mistake gets a message naming the folder, exit 2, and nothing converted."""
     _, ck = world2
     src = os.path.join(ck, "ck_zero2", "part")
@@ -342,8 +342,8 @@ def test_to_universal_command_refuses_bad_input(world2, tmp_path):
                               (src, busy, "exists and is not empty"),
                               (plain, tmp_path / "o2", "has no AdamHD layer state"),
                               (flipped, tmp_path / "o3", "fails verification against its checksums.json")]:
-        proc = to_universal_cli(source, out)
-        assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        err = cli_error(capsys, "to-universal", source, out)
+        assert want in err, err
         assert not Path(out).exists() or Path(out) == busy
     assert sorted(os.listdir(busy)) == ["x"]
 
@@ -391,17 +391,24 @@ def test_export_command_writes_full_model_and_optimizer_state(world2, tmp_path):
     assert exported["global_steps"] == 5 and exported["world_size"] == 2 and exported["zero_stage"] == 2
 
 
-def test_export_refuses_damaged_checkpoints(world2, tmp_path):
+def cli_error(capsys, *argv):
+    """``python -m adamhd_dist.deepspeed ARGV`` in this process (the command's own ``main``): its exit status must
+    be 2 (a usage error, not an exception); returns what it wrote to stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        ads.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    return err
+
+
+def test_export_refuses_damaged_checkpoints(world2, tmp_path, capsys):
     """A missing rank file, a truncated one, a foreign side file and an --out folder: a message naming the file or
     the option, never a traceback, and nothing written."""
     _, ck = world2
 
     def export(src, out=None):
-        out = out or tmp_path / "x.pt"
-        proc = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(src), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-        return proc.stderr
+        return cli_error(capsys, "export", src, "--out", out or tmp_path / "x.pt")
 
     def copy(name):
         dst = tmp_path / name
@@ -432,9 +439,9 @@ def test_export_refuses_damaged_checkpoints(world2, tmp_path):
     assert not (tmp_path / "x.pt").exists()
     src, tag = copy("recorded")
     write_checksums(tag)
-    ok = subprocess.run([sys.executable, "-m", "adamhd_dist.deepspeed", "export", str(src), "--out",
-                         str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert ok.returncode == 0 and "every file verified against its checksums" in ok.stdout, ok.stderr[-3000:]
+    capsys.readouterr()
+    assert ads.main(["export", str(src), "--out", str(tmp_path / "y.pt")]) == 0
+    assert "every file verified against its checksums" in capsys.readouterr().out
 
 
 def test_export_errors(tmp_path):
