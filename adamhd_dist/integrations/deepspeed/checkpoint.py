@@ -87,8 +87,8 @@ def _check_universal_coverage(layer_state: dict | None, opt: AdamHD, tag_dir: Pa
 
 def _refuse_universal_zero3(engine, tag_dir: Path) -> None:
     """ZeRO-3 reads a universal checkpoint into its fp32 partitions exactly, but the run then leaves the
-    uninterrupted one (4.4e-3 of max|θ| five steps later in tests/test_deepspeed.py's harness): refused until it is
-    exact. Our own reshard covers ZeRO-3 at another data-parallel size."""
+    uninterrupted one (seen by hand with tests/test_deepspeed.py's model, 4.4e-3 of max|θ| five steps later):
+    refused until it is exact. Our own reshard covers ZeRO-3 at another data-parallel size."""
     if engine.zero_optimization_stage() == 3:
         raise ValueError(
             f'"checkpoint": {{"load_universal": true}} with ZeRO stage 3 ({str(tag_dir)!r}): not supported with AdamHD '
